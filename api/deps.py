@@ -1,0 +1,89 @@
+"""Dependency shortcuts for routes: settings, Redis, the dispatcher, and the API-key check."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import TYPE_CHECKING, Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Request
+
+from common.errors import ServiceUnavailable, Unauthorized
+from common.registry import Registry
+from common.settings import Settings
+
+from .dispatch import Dispatcher
+
+if TYPE_CHECKING:
+    from common.milvus_store import MilvusStore
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_redis(request: Request) -> aioredis.Redis:
+    return request.app.state.redis
+
+
+def get_dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher
+
+
+def get_models(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+class LazyStore:
+    """The Milvus store, connected on first use: the embedding routes never wait on Milvus, and
+    the API starts while Milvus is still coming up."""
+
+    def __init__(self, uri: str):
+        self._uri = uri
+        self._store: MilvusStore | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> MilvusStore:
+        async with self._lock:
+            if self._store is None:
+                from common.milvus_store import MilvusStore  # pymilvus: only when a route needs it
+
+                try:
+                    self._store = await asyncio.to_thread(MilvusStore, self._uri)
+                except Exception as exc:
+                    raise ServiceUnavailable(f"The vector store at {self._uri} is not reachable: {exc}") from exc
+            return self._store
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """`store.method(*args)` in a worker thread: pymilvus blocks."""
+        store = await self.get()
+        return await asyncio.to_thread(getattr(store, method), *args)
+
+
+async def get_store(request: Request) -> LazyStore:
+    return request.app.state.store
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+StoreDep = Annotated[LazyStore, Depends(get_store)]
+RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+RegistryDep = Annotated[Registry, Depends(get_models)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """`Authorization: Bearer <key>` against EMBEDQ_API_KEYS; open when none are configured."""
+    if not settings.api_keys:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    given_bytes = given.strip().encode()
+    # Compare against every key without stopping early, so timing reveals nothing.
+    matched = False
+    for key in settings.api_keys:
+        matched |= hmac.compare_digest(given_bytes, key.encode())
+    if scheme.lower() != "bearer" or not matched:
+        raise Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'.")
+
+
+Authorized = [Depends(require_api_key)]

@@ -1,0 +1,80 @@
+"""Sending embedding work to the model queues and awaiting the answer.
+
+Before sending, a check that a warm worker serves the model and that its queue is not over its
+limit makes a request fail fast (503 / 429) instead of waiting in vain. That check costs one Redis
+round trip, made at most every CAPACITY_TTL_S per queue; requests in between reuse its answer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from celery import Celery
+
+from common import keys
+from common.errors import QueueFull, ServiceUnavailable
+from common.queues import EMBED_TASK, embed_queue
+from common.settings import Settings
+from common.vectors import unpack
+
+from .results import ResultWaiter
+
+
+class Embedded:
+    """A task's answer: one array per input and the token count of each."""
+
+    def __init__(self, result: dict[str, Any]):
+        self.arrays: list[np.ndarray] = unpack(result)
+        self.tokens: list[int] = list(result["tokens"])
+        self.dtype: str = result["dtype"]
+
+
+CAPACITY_TTL_S = 0.1
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, client: aioredis.Redis, celery: Celery, waiter: ResultWaiter):
+        self._settings = settings
+        self._client = client
+        self._celery = celery
+        self._waiter = waiter
+        self._capacity: dict[str, tuple[float, int, int]] = {}  # queue -> (read at, live workers, depth)
+
+    async def _read_capacity(self, model: str, modality: str) -> tuple[int, int]:
+        queue = embed_queue(model, modality)
+        now = time.monotonic()
+        cached = self._capacity.get(queue)
+        if cached and now - cached[0] < CAPACITY_TTL_S:
+            return cached[1], cached[2]
+        alive_since = time.time() - self._settings.worker_heartbeat_ttl_s
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.zcount(keys.workers_alive(model, modality), alive_since, "+inf")
+            pipe.llen(queue)
+            live_workers, depth = await pipe.execute()
+        self._capacity[queue] = (now, live_workers, depth)
+        return live_workers, depth
+
+    async def check_capacity(self, model: str, modality: str) -> None:
+        live_workers, depth = await self._read_capacity(model, modality)
+        if not live_workers:
+            raise ServiceUnavailable(f"No worker is serving {model} ({modality}) right now; try again later.")
+        if depth >= self._settings.queue_limit:
+            raise QueueFull(f"The queue for {embed_queue(model, modality)} is full ({depth} waiting); retry later.")
+
+    async def embed(self, model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> Embedded:
+        await self.check_capacity(model, modality)
+        task_id = str(uuid.uuid4())
+        kwargs = {"model": model, "modality": modality, "inputs": inputs, **options}
+
+        timeout = self._settings.request_timeout_s
+
+        def send() -> None:
+            # Expires with the wait: a worker drops a task whose caller has given up.
+            self._celery.send_task(EMBED_TASK, kwargs=kwargs, task_id=task_id, expires=timeout)
+
+        result = await self._waiter.call(task_id, send, timeout)
+        return Embedded(result)

@@ -1,0 +1,41 @@
+"""One place that turns errors into HTTP answers with OpenAI's error body:
+`{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from common.errors import EmbedqError, QueueFull
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _embedq_error(_: Request, exc: EmbedqError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    if exc.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
+
+
+def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = location[0] if location else None
+    message = f"{'.'.join(location) or 'body'}: {first.get('msg', 'invalid value')}"
+    return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+
+
+def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(error_body(str(exc.detail), type_), exc.status_code, headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(EmbedqError, _embedq_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)

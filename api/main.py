@@ -1,0 +1,64 @@
+"""The FastAPI application: routers, error handling, and the clients its lifespan owns.
+
+It imports no model code and no torch, so it starts in about a second.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from common.celery_app import create_celery_app
+from common.jobs import JobStore
+from common.registry import load_registry
+from common.settings import Settings, get_settings
+
+from .deps import LazyStore
+from .dispatch import Dispatcher
+from .errors import install_error_handlers
+from .limits import BodySizeLimit
+from .results import ResultWaiter
+from .metrics import RequestMetrics
+from .routes import collections, embeddings, health, jobs, metrics, models, multivector
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = aioredis.Redis.from_url(settings.redis_url, max_connections=256)
+        celery = create_celery_app(settings)
+        waiter = ResultWaiter(client, celery)
+        await waiter.start()
+        app.state.settings = settings
+        app.state.redis = client
+        app.state.registry = load_registry(settings.models_file)
+        app.state.models_created = int(settings.models_file.stat().st_mtime)
+        app.state.dispatcher = Dispatcher(settings, client, celery, waiter)
+        app.state.celery = celery
+        app.state.jobs = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
+        app.state.store = LazyStore(settings.milvus_uri)
+        try:
+            yield
+        finally:
+            await waiter.close()
+            await client.aclose()
+
+    app = FastAPI(
+        title="embedq",
+        summary="Queue-driven embedding service",
+        version="0.1.0",
+        lifespan=lifespan,
+        # Vector payloads are huge; highlighting them freezes Swagger UI.
+        swagger_ui_parameters={"syntaxHighlight": False},
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)  # outermost: it also counts the 413s of BodySizeLimit
+    for router in (health.router, models.router, embeddings.router, multivector.router, collections.router, jobs.router, metrics.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,143 @@
+"""Collections (each bound to one served model), document uploads that start ingestion jobs,
+document deletion, and search with exact MaxSim rerank for late-interaction collections."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from starlette.datastructures import UploadFile
+
+from common.documents import detect_kind
+from common.errors import InvalidRequest, NotFound, UnsupportedMediaType
+from common.jobs import UploadedFile
+from common.queues import INGEST_TASK
+
+from ..deps import Authorized, DispatcherDep, LazyStore, RegistryDep, StoreDep
+from ..responses import json_response
+from ..schemas import CollectionCreate, SearchRequest
+
+router = APIRouter(prefix="/v1/collections", tags=["collections"], dependencies=Authorized)
+
+PAGE_KINDS = {"pdf", "image", "office"}
+TEXT_KINDS = {"text", "jsonl"}
+
+
+async def _describe(store: LazyStore, name: str, with_count: bool = False) -> dict[str, Any]:
+    if not await store.call("has_collection", name):
+        raise NotFound(f"No collection '{name}'.", "name")
+    info = asdict(await store.call("describe", name))
+    if with_count:
+        info["count"] = await store.call("count", name)
+    return {"object": "collection", **info}
+
+
+@router.post("", status_code=201, summary="Create a collection bound to a served model")
+async def create_collection(body: CollectionCreate, registry: RegistryDep, dispatcher: DispatcherDep, store: StoreDep) -> Response:
+    spec = registry.get(body.model)
+    if await store.call("has_collection", body.name):
+        raise InvalidRequest(f"A collection '{body.name}' already exists.", "name")
+    # The model's own output says its width: no per-model dimension to keep in sync by hand.
+    probe = await dispatcher.embed(spec.name, "text", [{"text": "dimension probe"}], output="pooled")
+    kind = "multivector" if spec.multivector else "text"
+    await store.call("create_collection", body.name, kind, int(probe.arrays[0].shape[-1]), spec.name)
+    return json_response(await _describe(store, body.name, with_count=True), 201)
+
+
+@router.get("", summary="List collections")
+async def list_collections(store: StoreDep) -> Response:
+    infos = await store.call("list_collections")
+    return json_response({"object": "list", "data": [{"object": "collection", **asdict(info)} for info in infos]})
+
+
+@router.get("/{name}", summary="Describe a collection, with its row count (pages or chunks)")
+async def get_collection(name: str, store: StoreDep) -> Response:
+    return json_response(await _describe(store, name, with_count=True))
+
+
+@router.delete("/{name}", summary="Delete a collection and all its vectors")
+async def delete_collection(name: str, store: StoreDep) -> Response:
+    await _describe(store, name)
+    await store.call("drop_collection", name)
+    return json_response({"id": name, "object": "collection", "deleted": True})
+
+
+@router.delete("/{name}/documents/{doc_id}", summary="Delete one document's pages or chunks")
+async def delete_document(name: str, doc_id: str, store: StoreDep) -> Response:
+    await _describe(store, name)
+    await store.call("delete_document", name, doc_id)
+    return json_response({"id": doc_id, "object": "document", "deleted": True})
+
+
+def _per_file_metadata(raw: str | None, filenames: list[str]) -> list[dict[str, Any]]:
+    """`metadata`: a JSON list aligned with the files, or an object keyed by filename."""
+    if not raw:
+        return [{} for _ in filenames]
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"'metadata' is not valid JSON: {exc}", "metadata") from None
+    if isinstance(parsed, list) and len(parsed) == len(filenames) and all(isinstance(m, dict) for m in parsed):
+        return parsed
+    if isinstance(parsed, dict) and all(isinstance(m, dict) for m in parsed.values()):
+        unknown = set(parsed) - set(filenames)
+        if unknown:
+            raise InvalidRequest(f"'metadata' names files that were not uploaded: {sorted(unknown)}", "metadata")
+        return [parsed.get(name, {}) for name in filenames]
+    raise InvalidRequest("'metadata' must be a list of objects, one per file, or an object keyed by filename.", "metadata")
+
+
+def _check_kind(upload: UploadFile, data: bytes, collection: dict[str, Any]) -> None:
+    kind = detect_kind(upload.filename, upload.content_type, data[:8192])
+    allowed = PAGE_KINDS if collection["kind"] == "multivector" else TEXT_KINDS
+    if kind not in allowed:
+        raise UnsupportedMediaType(
+            f"'{upload.filename}' is {kind}; collection '{collection['name']}' ({collection['kind']}) takes "
+            f"{', '.join(sorted(allowed))}.", "files"
+        )
+    if kind == "office" and shutil.which("soffice") is None:
+        raise UnsupportedMediaType(f"'{upload.filename}' needs LibreOffice (soffice) on the PATH to be converted.", "files")
+
+
+@router.post("/{name}/documents", status_code=202, summary="Upload files; returns a job to poll or stream")
+async def upload_documents(name: str, request: Request, store: StoreDep) -> Response:
+    collection = await _describe(store, name)
+    form = await request.form()
+    uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+    if not uploads:
+        raise InvalidRequest("Send one or more files in the multipart field 'files'.", "files")
+    metadata_field = form.get("metadata")
+    metadata = _per_file_metadata(metadata_field if isinstance(metadata_field, str) else None, [u.filename or "" for u in uploads])
+    files = []
+    for upload, meta in zip(uploads, metadata):
+        data = await upload.read()
+        _check_kind(upload, data, collection)
+        doc_id = str(meta.pop("doc_id", "")) or hashlib.sha256(data).hexdigest()[:16]
+        files.append(UploadedFile(upload.filename or f"file{len(files)}", upload.content_type, data, meta, doc_id))
+    jobs = request.app.state.jobs
+    job_id = await asyncio.to_thread(jobs.create, name, collection["model"], files)
+    celery = request.app.state.celery
+    for index, file in enumerate(files):
+        celery.send_task(INGEST_TASK, kwargs={"job_id": job_id, "index": index, "collection": name,
+                                              "model": collection["model"], "content_type": file.content_type})
+    return json_response(await asyncio.to_thread(jobs.get, job_id), 202)
+
+
+@router.post("/{name}/search", summary="Search a collection (MaxSim rerank for page collections)")
+async def search(name: str, body: SearchRequest, dispatcher: DispatcherDep, store: StoreDep) -> Response:
+    collection = await _describe(store, name)
+    model = collection["model"]
+    if collection["kind"] == "multivector":
+        result = await dispatcher.embed(model, "text", [{"text": body.query}], output="multivector", input_type="query")
+        hits = await store.call("search_multivector", name, result.arrays[0], body.top_k, body.filter)
+    else:
+        result = await dispatcher.embed(model, "text", [{"text": body.query}], output="pooled", input_type="query", normalize=True)
+        hits = await store.call("search_text", name, result.arrays[0], body.top_k, body.filter)
+    tokens = sum(result.tokens)
+    return json_response({"object": "list", "data": [asdict(hit) for hit in hits], "model": model,
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

@@ -1,0 +1,37 @@
+"""Health: `/healthz` and `/health/live` (the process answers), `/health/ready` (Redis answers and
+every served model has a live, warmed worker for each of its modalities). Never behind auth."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from common import keys
+
+from ..deps import RedisDep, RegistryDep, SettingsDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+@router.get("/health/live")
+async def live() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(client: RedisDep, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
+    wanted = [(spec.name, modality) for spec in registry for modality in spec.modalities]
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            since = time.time() - settings.worker_heartbeat_ttl_s
+            for model, modality in wanted:
+                pipe.zcount(keys.workers_alive(model, modality), since, "+inf")
+            counts = await pipe.execute()
+    except Exception as exc:
+        return JSONResponse({"status": "unavailable", "redis": f"error: {exc}"}, 503)
+    workers = {f"{model}/{modality}": count for (model, modality), count in zip(wanted, counts)}
+    ok = all(counts)
+    return JSONResponse({"status": "ready" if ok else "starting", "redis": "ok", "workers": workers}, 200 if ok else 503)

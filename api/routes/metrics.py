@@ -1,0 +1,126 @@
+"""`GET /metrics` in Prometheus' text format (never behind auth, like health).
+
+HTTP counters come from this app's `RequestMetrics` middleware; queue depths, live workers and each
+live worker's batcher counters (its `worker_stats` hash) are read from Redis at scrape time, so the
+numbers are Redis' own and nothing is kept between scrapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from redis import RedisError
+
+from common import keys
+from common.queues import embed_queue
+from common.registry import Registry
+from common.settings import Settings
+
+from ..deps import RedisDep, RegistryDep, SettingsDep
+from ..metrics import HttpStats
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["metrics"])
+
+# The batcher counters a worker's heartbeat writes into its worker_stats hash.
+WORKER_COUNTERS = {
+    "batches": "Batches the worker's batcher ran.",
+    "items": "Inputs embedded in those batches.",
+    "oom_splits": "Batches split in two after a device out-of-memory error.",
+    "failed_batches": "Batches that failed, their error sent to every request in them.",
+}
+
+
+@dataclass
+class RedisReading:
+    """What one scrape read from Redis."""
+
+    queue_depth: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, modality) -> LLEN
+    workers_alive: dict[tuple[str, str], int] = field(default_factory=dict)
+    worker_stats: dict[str, dict[str, str]] = field(default_factory=dict)  # worker name -> its hash
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "embedq_queue_depth", "Tasks waiting in a model's queue.", labels=["model", "modality", "queue"]
+        )
+        for (model, modality), count in self.queue_depth.items():
+            depth.add_metric([model, modality, embed_queue(model, modality)], count)
+        yield depth
+        alive = GaugeMetricFamily(
+            "embedq_workers_alive", "Warm workers with a recent heartbeat.", labels=["model", "modality"]
+        )
+        for labels, count in self.workers_alive.items():
+            alive.add_metric(labels, count)
+        yield alive
+        for name, help_text in WORKER_COUNTERS.items():
+            counter = CounterMetricFamily(f"embedq_worker_{name}", help_text, labels=["worker", "model", "device"])
+            for worker, stats in self.worker_stats.items():
+                counter.add_metric([worker, stats.get("model", ""), stats.get("device", "")], int(stats.get(name, 0)))
+            yield counter
+
+
+async def read_redis(client: aioredis.Redis, registry: Registry, settings: Settings) -> RedisReading:
+    served = [(spec.name, modality) for spec in registry for modality in spec.modalities]
+    alive_since = time.time() - settings.worker_heartbeat_ttl_s
+    async with client.pipeline(transaction=False) as pipe:
+        for model, modality in served:
+            pipe.llen(embed_queue(model, modality))
+            pipe.zrangebyscore(keys.workers_alive(model, modality), alive_since, "+inf")
+        replies = await pipe.execute()
+    depths, alive = replies[0::2], replies[1::2]
+    # Live workers come from the heartbeat sets, not from a SCAN for stats hashes: a SCAN walks the
+    # whole keyspace, about 0.5 s of Redis time per scrape with the million task results that a
+    # busy API keeps.
+    workers = sorted({member.decode() for members in alive for member in members})
+    async with client.pipeline(transaction=False) as pipe:
+        for worker in workers:
+            pipe.hgetall(keys.worker_stats(worker))
+        hashes = await pipe.execute()
+    return RedisReading(
+        queue_depth=dict(zip(served, depths)),
+        workers_alive={labels: len(members) for labels, members in zip(served, alive)},
+        # A hash expires when its worker stops beating; one may go between the two round trips.
+        worker_stats={
+            worker: {k.decode(): v.decode() for k, v in raw.items()} for worker, raw in zip(workers, hashes) if raw
+        },
+    )
+
+
+class _Families:
+    """The one thing `generate_latest` needs of a registry: `collect()`."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def render(http: HttpStats, reading: RedisReading | None) -> bytes:
+    """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them."""
+    families = list(http.collect())
+    if reading is not None:
+        families += reading.collect()
+    families.append(
+        GaugeMetricFamily("embedq_redis_up", "1 when this scrape could read Redis.", value=int(reading is not None))
+    )
+    return generate_latest(_Families(families))
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, client: RedisDep, registry: RegistryDep, settings: SettingsDep) -> Response:
+    try:
+        reading = await read_redis(client, registry, settings)
+    except RedisError:
+        # Still answer: the HTTP counters are worth having while Redis is down.
+        log.warning("metrics: reading Redis failed", exc_info=True)
+        reading = None
+    return Response(render(request.app.state.http_stats, reading), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,108 @@
+"""`POST /v1/embeddings/text` and `/v1/embeddings/image`: late-interaction embeddings, pooled or
+multi-vector. The image route takes JSON with base64 images, or a multipart upload of files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
+from common.errors import InvalidRequest
+from common.images import decode_image_input, validate_image
+from common.registry import ModelSpec
+from common.settings import Settings
+
+from ..deps import Authorized, DispatcherDep, RegistryDep, SettingsDep
+from ..responses import embedding_list
+from ..schemas import ImageEmbeddingRequest, TextEmbeddingRequest, _LateInteractionOptions
+from .embeddings import check_count
+
+router = APIRouter(prefix="/v1/embeddings", tags=["late-interaction"], dependencies=Authorized)
+
+
+def _check_output(spec: ModelSpec, output: str) -> None:
+    if output == "multivector" and not spec.multivector:
+        raise InvalidRequest(f"The model '{spec.name}' gives one vector per input; use output 'pooled'.", "output")
+
+
+async def _embed(dispatcher, spec: ModelSpec, modality: str, inputs: list[dict[str, Any]], options: _LateInteractionOptions, **extra: Any) -> Response:
+    _check_output(spec, options.output)
+    result = await dispatcher.embed(
+        spec.name, modality, inputs, output=options.output, normalize=options.normalize, dtype=options.dtype, **extra
+    )
+    return embedding_list(spec.name, result, options.encoding_format, options.dtype, with_shape=True)
+
+
+@router.post("/text", summary="Embed queries or text passages (pooled or multi-vector)")
+async def embed_text(body: TextEmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep) -> Response:
+    spec = registry.get(body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    check_count(texts, settings.max_inputs, "input")
+    if any(text == "" for text in texts):
+        raise InvalidRequest("'input' must not contain empty strings.", "input")
+    return await _embed(
+        dispatcher, spec, "text", [{"text": t} for t in texts], body, input_type=body.input_type, truncate=body.truncate
+    )
+
+
+def _image_inputs(images: list[bytes], settings: Settings) -> list[dict[str, Any]]:
+    check_count(images, settings.max_images_per_request, "images")
+    for data in images:
+        validate_image(data, settings.max_image_pixels)
+    return [{"image": data} for data in images]
+
+
+def _options(fields: dict[str, Any] | bytes) -> ImageEmbeddingRequest:
+    try:
+        if isinstance(fields, bytes):
+            return ImageEmbeddingRequest.model_validate_json(fields)
+        return ImageEmbeddingRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first.get("loc") else None
+        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param) from None
+
+
+async def _read_image_request(request: Request) -> tuple[ImageEmbeddingRequest, list[bytes]]:
+    """The request's options and image bytes, from JSON or from a multipart form."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        files = [await f.read() for f in form.getlist("images") if not isinstance(f, str)]
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return _options({**fields, "images": []}), files
+    options = _options(await request.body())
+    return options, [decode_image_input(value) for value in options.images]
+
+
+_IMAGE_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": ImageEmbeddingRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "images"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "output": {"type": "string", "enum": ["pooled", "multivector"]},
+                        "normalize": {"type": "boolean"},
+                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                        "dtype": {"type": "string", "enum": ["float32", "float16"]},
+                    },
+                }
+            },
+        },
+        "required": True,
+    }
+}
+
+
+@router.post("/image", summary="Embed page images (pooled or multi-vector)", openapi_extra=_IMAGE_BODY)
+async def embed_image(request: Request, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep) -> Response:
+    options, images = await _read_image_request(request)
+    spec = registry.get(options.model)
+    if "image" not in spec.modalities:
+        raise InvalidRequest(f"The model '{spec.name}' does not embed images.", "model")
+    return await _embed(dispatcher, spec, "image", _image_inputs(images, settings), options)

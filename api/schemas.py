@@ -1,0 +1,79 @@
+"""Request and response bodies of the HTTP API (OpenAI's shapes, plus documented extensions)."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EmbeddingInput = Union[str, list[str], list[int], list[list[int]]]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: EmbeddingInput = Field(description="A string, a list of strings, a list of token ids, or a list of such lists.")
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, gt=0, description="Matryoshka: truncate then re-normalize.")
+    user: str | None = None
+    # embedq extensions
+    input_type: Literal["query", "document"] = Field(
+        default="document", description="`query` adds the model's query instruction (Qwen3-Embedding)."
+    )
+    normalize: bool | None = Field(default=None, description="L2-normalize; default from models.yaml.")
+    truncate: bool = Field(default=True, description="false: refuse over-long input with 400 instead of cutting it.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "embedq"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class _LateInteractionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    output: Literal["pooled", "multivector"] = Field(
+        default="multivector", description="`pooled`: mean of the token vectors; `multivector`: the token vectors."
+    )
+    normalize: bool = Field(default=True, description="L2-normalize the pooled vector (token vectors come normalized).")
+    encoding_format: Literal["float", "base64"] = "float"
+    dtype: Literal["float32", "float16"] = Field(default="float32", description="Float width of base64 output.")
+
+
+class TextEmbeddingRequest(_LateInteractionOptions):
+    input: Union[str, list[str]]
+    input_type: Literal["query", "document"] = "query"
+    truncate: bool = True
+
+
+class ImageEmbeddingRequest(_LateInteractionOptions):
+    images: list[str] = Field(description="Raw base64 or `data:image/...;base64,...` URLs.")
+
+
+class CollectionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="Letters, digits and _, not starting with a digit.")
+    model: str = Field(description="A served model; late-interaction models make page collections, text models chunk collections.")
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1)
+    top_k: int = Field(default=10, ge=1, le=1000)
+    filter: str | None = Field(default=None, description="A Milvus boolean expression, e.g. `doc_id == \"abc\"`.")

@@ -1,0 +1,53 @@
+"""The one Celery app of embedq, shared by the API (to send), workers (to run) and other backends.
+
+Tasks are defined in `workers.tasks`; this module only configures broker, result backend, routing
+and delivery semantics, so importing it never pulls in torch.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from .queues import route_task
+from .settings import Settings, get_settings
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    app = Celery("embedq", broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.update(
+        # msgpack carries vectors as bytes; JSON would need float lists or base64.
+        task_serializer="msgpack",
+        result_serializer="msgpack",
+        accept_content=["msgpack", "json"],
+        result_accept_content=["msgpack", "json"],
+        task_routes=(route_task,),
+        task_default_queue="embedq.default",
+        # A task is acknowledged only once done; a SIGKILLed worker's unacknowledged tasks go back
+        # to the queue after the visibility timeout, and another worker runs them.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+            # A worker killed inside a restore scan leaves its lock behind; kombu's default 300 s
+            # would stall every other worker's restores that long.
+            "unacked_mutex_expire": 30,
+            # Queues are read in the order the worker lists them: text before image.
+            "queue_order_strategy": "priority",
+        },
+        result_expires=settings.result_expires_s,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
+    )
+    return app
+
+
+@lru_cache
+def get_celery_app() -> Celery:
+    return create_celery_app(get_settings())

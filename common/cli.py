@@ -1,0 +1,107 @@
+"""The `embedq` command line. Heavy imports stay inside the commands that need them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help="embedq: queue-driven embedding service.", no_args_is_help=True, add_completion=False)
+
+
+def _worker_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Celery logs every task received and done at INFO, result included: too costly per request.
+    logging.getLogger("celery").setLevel(logging.WARNING)
+
+
+@app.command()
+def up(flower: bool = typer.Option(False, "--flower", help="Also serve Flower on 127.0.0.1:5555.")) -> None:
+    """Start the local stack (Redis, Milvus Lite, API, workers) in the foreground."""
+    from .stack import run_stack
+
+    raise typer.Exit(run_stack(flower))
+
+
+@app.command()
+def api(host: Optional[str] = None, port: Optional[int] = None) -> None:
+    """Serve the HTTP API."""
+    # The search rerank is small NumPy work; a second BLAS thread waiting on a busy core doubles it.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import uvicorn
+
+    from .settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+@app.command()
+def worker(
+    model: str = typer.Option(..., help="A model name from models.yaml."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda:0, ...; default from models.yaml."),
+    modality: Optional[List[str]] = typer.Option(None, help="text and/or image; default: all the model serves."),
+) -> None:
+    """Run a GPU-pinned (or CPU) worker for one model."""
+    _worker_logging()
+    from workers.main import run_worker
+
+    run_worker(model, device, modality)
+
+
+@app.command("ingest-worker")
+def ingest_worker() -> None:
+    """Run the CPU worker that renders uploaded documents into pages and chunks."""
+    _worker_logging()
+    from workers.main import run_ingest_worker
+
+    run_ingest_worker()
+
+
+@app.command()
+def flower(
+    address: str = typer.Option("127.0.0.1", help="Bind address; Flower's API goes without auth only on loopback."),
+    port: int = typer.Option(5555),
+) -> None:
+    """Serve Flower (workers, queues, tasks) for embedq's Celery app."""
+    from .flower import run_flower
+
+    run_flower(address, port)
+
+
+@app.command("merge-adapters")
+def merge_adapters(
+    base: Path = typer.Option(..., help="The base late-interaction checkpoint (a directory)."),
+    adapter: Path = typer.Option(..., help="The PEFT LoRA adapter directory."),
+    out: Path = typer.Option(..., help="Where to save the merged checkpoint."),
+    dtype: str = typer.Option("auto", help="bf16, fp16, fp32, or auto (the checkpoint's own)."),
+) -> None:
+    """Merge a LoRA adapter into its base model; serve the result like any checkpoint."""
+    import workers.backends  # noqa: F401  (makes torchvision importable before peft)
+    from workers.merge_adapters import merge_adapters as merge
+
+    merge(base, adapter, out, dtype)
+    typer.echo(f"merged checkpoint saved to {out}")
+
+
+@app.command()
+def models() -> None:
+    """List the served models."""
+    from .registry import get_registry
+
+    for spec in get_registry():
+        typer.echo(f"{spec.name}\t{spec.backend}\t{','.join(spec.modalities)}\t{spec.path}")
+
+
+if __name__ == "__main__":
+    app()

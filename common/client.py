@@ -1,0 +1,77 @@
+"""Submitting embedding tasks straight to the model queues, for Python backends that skip the HTTP API.
+
+It sends the documented task `embedq.embed` through the shared Celery app, whose router puts it on
+`embed.<model>.<modality>`. Answers come back as bytes and are decoded with `common.vectors.unpack`.
+A worker's error comes back as its `common.errors` class: Celery rebuilds a task failure from the
+module and class name it stores when that module is imported in the waiting process, as it is here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from .celery_app import create_celery_app
+from .errors import ServiceUnavailable
+from .queues import EMBED_TASK
+from .settings import Settings, get_settings
+from .vectors import unpack
+
+
+class EmbedqClient:
+    """`submit_*` return a Celery `AsyncResult` at once (its `.get()` gives the task's dict);
+    `embed_*` wait and return one array per input: `(dim,)` pooled, `(n_tokens, dim)` multivector."""
+
+    def __init__(self, redis_url: str | None = None):
+        self.settings = get_settings() if redis_url is None else Settings(redis_url=redis_url)
+        self.celery = create_celery_app(self.settings)
+
+    def submit(self, model: str, modality: str, inputs: list[dict[str, Any]], *, expires: float | None = None,
+               **options: Any) -> AsyncResult:
+        """Any inputs the task takes (`{"text"}`, `{"token_ids"}`, `{"image"}`); a worker drops the task
+        unrun if it is still queued `expires` seconds from now."""
+        kwargs = {"model": model, "modality": modality, "inputs": inputs, **options}
+        return self.celery.send_task(EMBED_TASK, kwargs=kwargs, expires=expires)
+
+    def submit_texts(self, model: str, texts: list[str], *, output: str = "pooled", input_type: str = "document",
+                     normalize: bool | None = None, dimensions: int | None = None, truncate: bool = True,
+                     dtype: str = "float32", expires: float | None = None) -> AsyncResult:
+        return self.submit(model, "text", [{"text": text} for text in texts], expires=expires, output=output,
+                           input_type=input_type, normalize=normalize, dimensions=dimensions, truncate=truncate,
+                           dtype=dtype)
+
+    def submit_images(self, model: str, images: list[bytes], *, output: str = "multivector",
+                      normalize: bool | None = None, dimensions: int | None = None, dtype: str = "float32",
+                      expires: float | None = None) -> AsyncResult:
+        """`images` are encoded image files (PNG, JPEG, ...)."""
+        return self.submit(model, "image", [{"image": image} for image in images], expires=expires, output=output,
+                           normalize=normalize, dimensions=dimensions, dtype=dtype)
+
+    def wait(self, result: AsyncResult, timeout: float | None = None) -> list[np.ndarray]:
+        """The arrays of a submitted task; raises the worker's error, or ServiceUnavailable once
+        `timeout` seconds (default: EMBEDQ_REQUEST_TIMEOUT_S) pass without an answer."""
+        timeout = self.settings.request_timeout_s if timeout is None else timeout
+        try:
+            return unpack(result.get(timeout=timeout))
+        except CeleryTimeout:
+            raise ServiceUnavailable(
+                f"No worker answered task {result.id} within {timeout:g}s; is a worker serving this model?"
+            ) from None
+
+    def embed_texts(self, model: str, texts: list[str], *, timeout: float | None = None,
+                    **options: Any) -> list[np.ndarray]:
+        """`submit_texts` then `wait`; the task expires with the wait, so nobody runs it for no one."""
+        timeout = self.settings.request_timeout_s if timeout is None else timeout
+        return self.wait(self.submit_texts(model, texts, expires=timeout, **options), timeout)
+
+    def embed_images(self, model: str, images: list[bytes], *, timeout: float | None = None,
+                     **options: Any) -> list[np.ndarray]:
+        """`submit_images` then `wait`, as `embed_texts`."""
+        timeout = self.settings.request_timeout_s if timeout is None else timeout
+        return self.wait(self.submit_images(model, images, expires=timeout, **options), timeout)
+
+    def close(self) -> None:
+        self.celery.close()

@@ -1,0 +1,110 @@
+"""Input images: base64 decoding, cheap validation for the API, full decoding for the workers.
+
+Every refusal is an `InvalidRequest` (400). The pixel size is checked from the image header, before
+any pixel data is decoded, so a small file that declares a huge image (a decompression bomb) costs
+nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InvalidRequest
+
+PARAM = "images"
+# Pillow reports JPEGs carrying several pictures (common from phone cameras) as MPO.
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})
+_ALLOWED_NAMES = "PNG, JPEG, WEBP, GIF, BMP or TIFF"
+
+
+def decode_image_input(value: str) -> bytes:
+    """The bytes of an image sent as raw base64 or as a `data:image/...;base64,...` URL."""
+    payload = value.strip()
+    if payload[:5].lower() == "data:":
+        header, comma, payload = payload.partition(",")
+        media_type = header[5:].split(";", 1)[0].lower()
+        if not comma or not header.lower().endswith(";base64"):
+            raise InvalidRequest(
+                "an image data URL must be data:image/<format>;base64,<data>", PARAM
+            )
+        if media_type and not media_type.startswith("image/"):
+            raise InvalidRequest(f"a data URL of type {media_type!r} is not an image", PARAM)
+    elif payload[:8].lower() in ("http://", "https://"):
+        raise InvalidRequest("image URLs are not fetched; send base64 or a data URL", PARAM)
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except binascii.Error as exc:
+        raise InvalidRequest(f"image is not valid base64 ({exc})", PARAM) from None
+    if not data:
+        raise InvalidRequest("image is empty", PARAM)
+    return data
+
+
+def validate_image(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) as stored, from the header alone; refuses what `load_image` would refuse
+    before decoding (not an image, a format we do not take, too many pixels)."""
+    with _open(data, max_pixels) as image:
+        return image.size
+
+
+def load_image(data: bytes, max_pixels: int) -> Image.Image:
+    """An upright RGB image (the first frame of an animation), transparency flattened on white."""
+    image = _open(data, max_pixels)
+    try:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidRequest(f"image data is corrupt or truncated ({exc})", PARAM) from None
+    return _to_rgb(image)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """Lossless PNG bytes of an image, to pass a normalized image between processes."""
+    buffer = io.BytesIO()
+    # Light compression: these bytes cross a local queue once, so speed matters more than size.
+    image.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image opened lazily (header read, pixels not decoded), format and size checked."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InvalidRequest(f"image refused as a decompression bomb: {exc}", PARAM) from None
+    except UnidentifiedImageError:
+        raise InvalidRequest(
+            f"data is not an image in a format we take ({_ALLOWED_NAMES})", PARAM
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"image header is corrupt ({exc})", PARAM) from None
+    if image.format not in ALLOWED_FORMATS:
+        image.close()
+        raise InvalidRequest(
+            f"image format {image.format} is not supported; use {_ALLOWED_NAMES}", PARAM
+        )
+    # Between Pillow's own limit and twice it, Pillow only warns and would decode: refuse there too.
+    limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    width, height = image.size
+    if width * height > limit:
+        image.close()
+        raise InvalidRequest(
+            f"image is {width}x{height} = {width * height:,} pixels; the limit is {limit:,}", PARAM
+        )
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):
+        # 16-bit samples: a plain convert clips everything above 255 to white, so scale to 8 bits.
+        image = image.point(lambda value: value / 256)
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", image.size, "white")
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return image if image.mode == "RGB" else image.convert("RGB")

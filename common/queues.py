@@ -1,0 +1,30 @@
+"""Queue names: the one function that derives them, and the Celery routing built on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+EMBED_TASK = "embedq.embed"
+INDEX_PAGES_TASK = "embedq.index_pages"
+INDEX_CHUNKS_TASK = "embedq.index_chunks"
+INGEST_TASK = "embedq.ingest_file"
+INGEST_QUEUE = "ingest.cpu"
+
+
+def embed_queue(model: str, modality: str) -> str:
+    """`embed.<model>.<modality>`: one queue per served model and modality (text / image)."""
+    return f"embed.{model}.{modality}"
+
+
+def route_task(name: str, args: tuple, kwargs: dict[str, Any], options: dict, task=None, **_: Any) -> dict | None:
+    """Celery router. Every embedq task must get a queue here, or it falls back to the default queue
+    where no worker listens (tests check each registered task has a route)."""
+    if name == EMBED_TASK:
+        return {"queue": embed_queue(kwargs["model"], kwargs["modality"])}
+    if name == INDEX_PAGES_TASK:
+        return {"queue": embed_queue(kwargs["model"], "image")}
+    if name == INDEX_CHUNKS_TASK:
+        return {"queue": embed_queue(kwargs["model"], "text")}
+    if name == INGEST_TASK:
+        return {"queue": INGEST_QUEUE}
+    return None

@@ -1,0 +1,81 @@
+"""The served models: `models.yaml` parsed into typed `ModelSpec`s, one place for what is served."""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+from .errors import ModelNotFound
+from .settings import get_settings
+
+Modality = Literal["text", "image"]
+
+
+class ModelSpec(BaseModel):
+    name: str
+    backend: Literal["text", "colpali"]
+    # A local directory, a hub id, or `python:module:ATTR` for a path a Python package provides.
+    path: str
+    device: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    max_input_tokens: int = 512
+    batch_token_budget: int = 16384
+    max_batch_size: int = 64
+    pooling: Literal["mean", "cls", "last_token"] = "mean"
+    normalize: bool = True
+    query_instruction: str | None = None
+    dimensions: list[int] = Field(default_factory=list)
+    modalities: list[Modality] = Field(default_factory=lambda: ["text"])
+    # late-interaction (colpali backend) only
+    model_class: str | None = None
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    max_num_visual_tokens: int = 768
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if self.backend == "colpali" and not self.model_class:
+            raise ValueError(f"model {self.name}: the colpali backend needs model_class")
+        return self
+
+    @property
+    def multivector(self) -> bool:
+        return self.backend == "colpali"
+
+    def resolved_path(self) -> str:
+        if self.path.startswith("python:"):
+            module, attr = self.path.removeprefix("python:").split(":")
+            return str(getattr(importlib.import_module(module), attr))
+        local = Path(self.path).expanduser()
+        if not local.is_absolute() and (get_settings().models_file.parent / local).exists():
+            return str(get_settings().models_file.parent / local)
+        return str(local) if local.exists() else self.path
+
+
+class Registry:
+    def __init__(self, specs: list[ModelSpec]):
+        self.specs = {spec.name: spec for spec in specs}
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise ModelNotFound(f"The model '{name}' does not exist or is not served here.", "model") from None
+
+    def __iter__(self):
+        return iter(self.specs.values())
+
+
+def load_registry(path: Path) -> Registry:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return Registry([ModelSpec(**entry) for entry in raw.get("models", [])])
+
+
+@lru_cache
+def get_registry() -> Registry:
+    return load_registry(get_settings().models_file)

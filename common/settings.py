@@ -1,0 +1,71 @@
+"""Typed settings for every embedq process, read from `EMBEDQ_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMBEDQ_", extra="ignore")
+
+    # Where things are
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    models_file: Path = PROJECT_ROOT / "models.yaml"
+    var_dir: Path = PROJECT_ROOT / "var"
+
+    # HTTP front end
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_inputs: int = 2048
+    max_body_bytes: int = 64 * 1024 * 1024
+    request_timeout_s: float = 60.0
+    queue_limit: int = 10_000
+
+    # Workers and queue semantics
+    cpu_threads: int = Field(default_factory=lambda: os.cpu_count() or 1)
+    worker_concurrency: int = 64
+    # Longer than a worker holds a task (worker_concurrency requests through its batcher), or busy
+    # workers see held tasks redelivered; shorter than request_timeout_s, so the requests of a
+    # worker that died are run again while their callers still wait.
+    visibility_timeout_s: int = 30
+    result_expires_s: int = 600
+    worker_heartbeat_ttl_s: int = 15
+    task_events: bool = True  # Celery task events, for Flower
+
+    # Ingestion jobs and the vector store
+    milvus_uri: str = "http://127.0.0.1:19530"
+    job_ttl_s: int = 7 * 24 * 3600
+    ingest_pages_per_task: int = 4
+    ingest_chunks_per_task: int = 64
+    ingest_concurrency: int = 2
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    # Images and documents (common.images, common.documents)
+    max_image_pixels: int = Field(default=50_000_000, gt=0)  # also caps a rendered PDF page
+    max_images_per_request: int = Field(default=64, gt=0)
+    pdf_dpi_small: int = Field(default=200, gt=0)
+    pdf_dpi_large: int = Field(default=150, gt=0)
+    pdf_large_pages: int = Field(default=50, gt=0)  # from this many pages on, render at pdf_dpi_large
+    office_timeout_s: float = Field(default=120.0, gt=0)  # LibreOffice conversion to PDF
+    chunk_size: int = Field(default=1000, gt=0)  # characters
+    chunk_overlap: int = Field(default=200, ge=0)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,65 @@
+"""Real processes for the tests: Redis, workers and the API, started the way `embedq up` does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from common import keys, procs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    handle = open(log, "ab")
+    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def start_worker(env: dict[str, str], model: str, log: Path, *extra: str, timeout: float = 120) -> subprocess.Popen:
+    """A worker process; returns once its heartbeat says it is warm and consuming."""
+    before = time.time()
+    proc = spawn(["worker", "--model", model, *extra], env, log)
+    client = redis.Redis.from_url(env["EMBEDQ_REDIS_URL"])
+    deadline = time.monotonic() + timeout
+    key = keys.workers_alive(model, "image" if "image" in extra else "text")
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+        members = client.zrangebyscore(key, before, "+inf")
+        if any(m.decode().endswith(f":{proc.pid}") for m in members):
+            return proc
+        time.sleep(0.1)
+    procs.stop([proc])
+    raise TimeoutError(f"worker for {model} not ready in {timeout}s; see {log}")
+
+
+def start_api(env: dict[str, str], log: Path, timeout: float = 30) -> tuple[subprocess.Popen, str]:
+    port = procs.free_port()
+    proc = spawn(["api", "--port", str(port)], env, log)
+    procs.wait_for_port(port, timeout, proc)
+    base = f"http://127.0.0.1:{port}"
+    httpx.get(f"{base}/healthz", timeout=5).raise_for_status()
+    return proc, base
+
+
+def test_env(redis_url: str, models_file: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
+    env.update(
+        EMBEDQ_REDIS_URL=redis_url,
+        EMBEDQ_MODELS_FILE=str(models_file),
+        EMBEDQ_VISIBILITY_TIMEOUT_S="10",  # above any hold in the tests: restores are global
+        EMBEDQ_WORKER_HEARTBEAT_TTL_S="3",
+        EMBEDQ_REQUEST_TIMEOUT_S="30",
+        EMBEDQ_CPU_THREADS="1",
+        EMBEDQ_WORKER_CONCURRENCY="32",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(overrides)
+    return env

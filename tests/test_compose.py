@@ -1,0 +1,267 @@
+"""The compose deployment, checked by parsing it (no Docker engine runs here): images and builds,
+service wiring, models the workers name, GPU reservations, Prometheus targets, the Grafana
+dashboard's metric names against what `/metrics` exports, and Flower's auth."""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+import json
+import re
+import shlex
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import flower.events
+import pytest
+import yaml
+
+from api.metrics import HttpStats
+from api.routes.metrics import RedisReading, render
+from common.registry import load_registry
+
+from .conftest import ROOT
+
+COMPOSE = ROOT / "compose"
+BASE = COMPOSE / "docker-compose.yml"
+GPU = COMPOSE / "docker-compose.gpu.yml"
+EMBEDQ_COMMANDS = {"api", "worker", "ingest-worker", "flower"}
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def merged(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file, as far as these checks need it: mappings merge, the
+    rest is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def command(service: dict) -> list[str]:
+    cmd = service.get("command", [])
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(part) for part in cmd]
+
+
+def option(cmd: list[str], name: str) -> str | None:
+    for i, part in enumerate(cmd):
+        if part == name and i + 1 < len(cmd):
+            return cmd[i + 1]
+        if part.startswith(name + "="):
+            return part.split("=", 1)[1]
+    return None
+
+
+def embedq_role(service: dict) -> str | None:
+    cmd = command(service)
+    return cmd[1] if len(cmd) > 1 and cmd[0] == "embedq" and cmd[1] in EMBEDQ_COMMANDS else None
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def container_ports(service: dict) -> set[int]:
+    ports = set()
+    for entry in service.get("ports", []) + service.get("expose", []):
+        ports.add(int(str(entry).rsplit(":", 1)[-1].split("/")[0]))
+    return ports
+
+
+def mount_source(service: dict, target: str) -> str | None:
+    for volume in service.get("volumes", []):
+        parts = volume.split(":")
+        if len(parts) >= 2 and parts[1] == target:
+            return parts[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def base() -> dict:
+    return load(BASE)
+
+
+@pytest.fixture(scope="module")
+def gpu() -> dict:
+    return load(GPU)
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def project(request, base, gpu) -> dict:
+    """The services as `docker compose up` sees them: the base file, or the base with the GPU override."""
+    return base if request.param == "cpu" else merged(base, gpu)
+
+
+def test_every_service_has_an_image_or_a_build(project):
+    for name, service in project["services"].items():
+        assert "image" in service or "build" in service, name
+        if "build" in service:
+            build = service["build"]
+            context = COMPOSE / build["context"]
+            assert (context / build.get("dockerfile", "Dockerfile")).is_file(), name
+            assert (context / "pyproject.toml").is_file(), f"{name}: build context is not the repository root"
+        else:
+            # Third-party images are pinned, so a deployment does not change under it.
+            image = service["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{name}: {image}"
+
+
+def test_api_and_workers_reach_redis_and_milvus(project):
+    services = project["services"]
+    roles = {name: embedq_role(service) for name, service in services.items()}
+    assert {"api", "worker", "ingest-worker"} <= set(roles.values())
+    for name, role in roles.items():
+        if role not in ("api", "worker", "ingest-worker"):
+            continue
+        env = environment(services[name])
+        redis_url = urlsplit(env["EMBEDQ_REDIS_URL"])
+        assert redis_url.scheme == "redis" and redis_url.hostname in services, name
+        assert services[redis_url.hostname]["image"].startswith("redis:"), name
+        milvus = urlsplit(env["EMBEDQ_MILVUS_URI"])
+        assert milvus.hostname in services and milvus.port == 19530, name
+        assert services[milvus.hostname]["image"].startswith("milvusdb/milvus:"), name
+
+
+def test_workers_name_models_of_the_file_they_mount(project):
+    services = project["services"]
+    served: set[str] = set()
+    for name, service in services.items():
+        if embedq_role(service) != "worker":
+            continue
+        models_file = environment(service)["EMBEDQ_MODELS_FILE"]
+        source = mount_source(service, models_file)
+        assert source, f"{name} does not mount {models_file}"
+        names = {spec.name for spec in load_registry(COMPOSE / source)}
+        model = option(command(service), "--model")
+        assert model in names, f"{name}: {model} is not in {source}"
+        assert option(command(service), "--device"), name
+        served.add(model)
+    assert served == {spec.name for spec in load_registry(COMPOSE / "models.yaml")}, "a model without a worker"
+
+
+def test_gpu_override_pins_each_worker_to_one_nvidia_card(base, gpu):
+    workers = {name: merged(base["services"].get(name, {}), s) for name, s in gpu["services"].items()}
+    cards = []
+    for name, service in workers.items():
+        assert embedq_role(service) == "worker", name
+        # Each container sees only its reserved card, which is therefore cuda:0 inside it.
+        assert option(command(service), "--device") == "cuda:0", name
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
+        (card,) = device["device_ids"]
+        cards.append(card)
+        assert service["build"]["args"]["TORCH_INDEX_URL"] == "https://pypi.org/simple", "not the CUDA torch wheel"
+    assert len(cards) == len(set(cards)), "two workers share a GPU"
+    assert "worker-minilm" in workers, "the CPU worker would keep running beside the GPU ones"
+
+
+def test_depends_on_and_volumes_are_declared(project):
+    services = project["services"]
+    for name, service in services.items():
+        depends = service.get("depends_on", [])
+        for other in depends if isinstance(depends, list) else depends.keys():
+            assert other in services, f"{name} depends on unknown {other}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE / source).exists(), f"{name}: {source}"
+            else:
+                assert source in project["volumes"], f"{name}: undeclared volume {source}"
+    for stateful, data in [("redis", "/data"), ("milvus", "/var/lib/milvus"), ("grafana", "/var/lib/grafana")]:
+        assert mount_source(services[stateful], data) in project["volumes"], stateful
+
+
+def test_healthchecks(base):
+    services = base["services"]
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    api_check = " ".join(services["api"]["healthcheck"]["test"])
+    assert "/health/live" in api_check and f":{option(command(services['api']), '--port')}/" in api_check
+
+
+def test_prometheus_scrapes_api_and_flower_on_their_ports(base):
+    services = base["services"]
+    config = load(COMPOSE / "prometheus.yml")
+    assert mount_source(services["prometheus"], "/etc/prometheus/prometheus.yml") == "./prometheus.yml"
+    targets = {}
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                host, port = target.split(":")
+                assert host in services, target
+                assert int(port) in container_ports(services[host]), target
+                targets[embedq_role(services[host])] = int(port)
+    assert targets == {"api": int(option(command(services["api"]), "--port")), "flower": 5555}
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboards(base):
+    grafana = base["services"]["grafana"]
+    (source,) = load(COMPOSE / "grafana/provisioning/datasources/prometheus.yml")["datasources"]
+    url = urlsplit(source["url"])
+    assert url.hostname == "prometheus" and url.port in container_ports(base["services"]["prometheus"])
+    (provider,) = load(COMPOSE / "grafana/provisioning/dashboards/dashboards.yml")["providers"]
+    assert mount_source(grafana, provider["options"]["path"]) == "./grafana/dashboards"
+    assert mount_source(grafana, "/etc/grafana/provisioning") == "./grafana/provisioning"
+    dashboard = json.loads((COMPOSE / "grafana/dashboards/embedq.json").read_text())
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+
+
+def exported_metric_names() -> set[str]:
+    """The sample names `/metrics` writes when every family has a series."""
+    http = HttpStats()
+    http.observe("GET", "/health/live", 200, 0.001)
+    reading = RedisReading(
+        queue_depth={("m", "text"): 1},
+        workers_alive={("m", "text"): 1},
+        worker_stats={"m@h:1": {"model": "m", "device": "cpu", "batches": "1", "items": "1"}},
+    )
+    lines = render(http, reading).decode().splitlines()
+    return {line.split("{")[0].split(" ")[0] for line in lines if not line.startswith("#")}
+
+
+def flower_metric_names() -> set[str]:
+    return set(re.findall(r"['\"](flower_\w+)['\"]", inspect.getsource(flower.events)))
+
+
+def test_dashboard_queries_name_exported_metrics():
+    dashboard = json.loads((COMPOSE / "grafana/dashboards/embedq.json").read_text())
+    embedq, flower_names = exported_metric_names(), flower_metric_names()
+    assert {"embedq_http_requests_total", "embedq_worker_oom_splits_total"} <= embedq and flower_names
+    used = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = re.findall(r"\b(?:embedq|flower)_[a-z0-9_]+", target["expr"])
+            assert names, f"{panel['title']}: {target['expr']}"
+            for name in names:
+                if name.startswith("embedq_"):
+                    assert name in embedq, f"{panel['title']}: {name} is not exported"
+                else:
+                    assert re.sub(r"_(bucket|sum|count)$", "", name) in flower_names, f"{panel['title']}: {name}"
+                used.add(name)
+    for wanted in ["embedq_http_request_duration_seconds_bucket", "embedq_queue_depth", "embedq_workers_alive",
+                   "embedq_worker_batches_total", "embedq_worker_items_total", "embedq_worker_oom_splits_total"]:
+        assert wanted in used, f"no panel shows {wanted}"
+
+
+def test_flower_requires_auth(base):
+    (name,) = [name for name, service in base["services"].items() if embedq_role(service) == "flower"]
+    service = base["services"][name]
+    env = environment(service)
+    address = option(command(service), "--address")
+    assert address, "Flower's address must be explicit"
+    assert env.get("FLOWER_UNAUTHENTICATED_API", "false").lower() not in ("1", "true", "yes")
+    assert not any("unauthenticated" in part for part in command(service))
+    if not ipaddress.ip_address(address).is_loopback:
+        # `${VAR:?message}`: compose refuses to start when the credentials are not set.
+        assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]+\}", env.get("FLOWER_BASIC_AUTH", "")), "no basic auth"
+    for published in service.get("ports", []):
+        host_ip = str(published).split(":")[0] if str(published).count(":") == 2 else "0.0.0.0"
+        assert ipaddress.ip_address(host_ip).is_loopback, f"Flower published beyond loopback: {published}"

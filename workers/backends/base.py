@@ -1,0 +1,57 @@
+"""The narrow seam between the batcher and a model: inputs in, numpy arrays out.
+
+No torch type crosses it. A backend knows nothing of queues; the batcher knows nothing of models.
+The three phases follow Infinity's contract: `prepare` runs on the CPU for one input (tokenize,
+decode an image) and says what it costs; `embed` runs one forward pass over a batch of prepared
+inputs and returns one float32 array per input: shape `(dim,)` for a pooled vector or
+`(n_tokens, dim)` for late-interaction token vectors (valid rows only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence
+
+import numpy as np
+
+Modality = Literal["text", "image"]
+
+
+class OutOfMemory(Exception):
+    """A batch did not fit on the device; the batcher splits it and retries the halves."""
+
+
+@dataclass
+class EmbedInput:
+    """One input of a request, as a worker receives it."""
+
+    modality: Modality
+    text: str | None = None
+    token_ids: list[int] | None = None
+    image: bytes | None = None  # encoded image file bytes (PNG, JPEG, ...)
+    input_type: Literal["query", "document"] = "document"
+    truncate: bool = True
+
+
+@dataclass
+class Prepared:
+    """An input after the CPU phase. `cost` is what the token budget counts (tokens incl. padding
+    share, or visual tokens); `n_tokens` is what `usage` reports; `payload` is the backend's own."""
+
+    cost: int
+    n_tokens: int
+    payload: Any = field(repr=False)
+
+
+class Backend(Protocol):
+    dim: int
+
+    def load(self) -> None: ...
+
+    def warmup(self) -> None: ...
+
+    def prepare(self, item: EmbedInput) -> Prepared:
+        """Raise `common.errors.InputTooLong` / `InvalidRequest` for an input that cannot run."""
+        ...
+
+    def embed(self, batch: Sequence[Prepared]) -> list[np.ndarray]: ...

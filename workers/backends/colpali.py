@@ -1,0 +1,261 @@
+"""Late-interaction backend: ColQwen2, ColQwen2.5, ColPali, ColIdefics3 and ColModernVBert through
+colpali-engine, returning one `(n_tokens, dim)` float32 array of token vectors per input.
+
+`prepare` does all the CPU work for one input with the model's own processor: queries go through
+`process_queries` (query prefix + 10 augmentation tokens, as colpali-engine trains them), text
+documents through `process_texts` (no augmentation, as its training collator feeds text
+passages), images through `process_images`. `embed` pads those per-input features into one batch
+exactly as the processor pads a batch (tokens on the tokenizer's side, pixels with zeros), runs
+one forward pass, and keeps the rows the attention mask marks valid. Vectors come out
+L2-normalised per token, as the model makes them; pooling is the shared post-processor's job.
+
+Visual tokens per page are bounded by `spec.max_num_visual_tokens`:
+- Qwen2-VL style (ColQwen2, ColQwen2.5): one token per 28x28 px after the 2x2 merge, so the
+  image processor's max pixels (`size["longest_edge"]`) is set to `max_num_visual_tokens * 28 * 28`,
+  as colpali-engine's own `max_num_visual_tokens` argument does; larger pages are scaled down.
+- Idefics3 style (ColIdefics3, ColModernVBert): a page is scaled to a longest edge, cut into
+  square tiles of `image_seq_len` tokens, plus one global tile. The longest edge is lowered (never
+  raised: these processors upscale every page to it) to `k` tiles, the most with
+  `(k*k + 1) * image_seq_len` tokens within the bound, or to one tile (no split) when none fits.
+- PaliGemma (ColPali): every page is a fixed number of tokens set by the checkpoint; loading
+  fails with a clear message when that number is over the bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import math
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.errors import InputTooLong, InvalidRequest, ServiceUnavailable
+from common.images import load_image
+from common.registry import ModelSpec
+from common.settings import get_settings
+
+from .base import EmbedInput, Prepared
+from .device import oom_as_out_of_memory, resolve_device, resolve_dtype
+
+# colpali-engine model class -> (its processor class, the `model_type` of its checkpoints)
+FAMILIES = {
+    "ColQwen2": ("ColQwen2Processor", "qwen2_vl"),
+    "ColQwen2_5": ("ColQwen2_5_Processor", "qwen2_5_vl"),
+    "ColPali": ("ColPaliProcessor", "paligemma"),
+    "ColIdefics3": ("ColIdefics3Processor", "idefics3"),
+    "ColModernVBert": ("ColModernVBertProcessor", "modernvbert"),
+}
+# Per-token features, padded on the tokenizer's side; every other feature is padded with zeros
+# after its end along dimension 1 (patches of Qwen, tiles of Idefics3).
+_TOKEN_FEATURES = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """`auto`: FlashAttention 2 on CUDA when `flash_attn` is installed, else SDPA."""
+    if attention != "auto":
+        return attention
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def quantization_config(quantization: str, device: torch.device):
+    """transformers' BitsAndBytesConfig for `8bit` / `4bit` (NF4, double quant, bf16 compute)."""
+    if quantization == "none":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"quantization {quantization} runs on CUDA only (bitsandbytes); this worker is on {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantization {quantization} needs bitsandbytes: pip install 'embedq[gpu]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def colpali_classes(model_class: str) -> tuple[type, type]:
+    """The colpali-engine model and processor classes called `model_class`."""
+    if model_class not in FAMILIES:
+        raise ValueError(f"unknown late-interaction model_class {model_class!r}; known: {sorted(FAMILIES)}")
+    import colpali_engine.models as models
+
+    return getattr(models, model_class), getattr(models, FAMILIES[model_class][0])
+
+
+def bound_visual_tokens(processor, max_tokens: int) -> None:
+    """Make `processor` give at most `max_tokens` visual tokens per page (see the module doc)."""
+    image_processor = processor.image_processor
+    if hasattr(image_processor, "merge_size"):  # Qwen2-VL style
+        size = image_processor.size
+        size["longest_edge"] = max_tokens * (image_processor.patch_size * image_processor.merge_size) ** 2
+        size["shortest_edge"] = min(size["shortest_edge"], size["longest_edge"])
+    elif hasattr(image_processor, "max_image_size"):  # Idefics3 style
+        tiles = max_tokens // processor.image_seq_len
+        if tiles == 0:
+            raise ValueError(
+                f"max_num_visual_tokens={max_tokens} is under the {processor.image_seq_len} tokens of one image tile"
+            )
+        per_side = math.isqrt(tiles - 1) if tiles >= 5 else 1
+        longest = per_side * image_processor.max_image_size["longest_edge"]
+        image_processor.size["longest_edge"] = min(image_processor.size["longest_edge"], longest)
+    elif processor.image_seq_length > max_tokens:  # PaliGemma: fixed per checkpoint
+        raise ValueError(
+            f"this model gives every page {processor.image_seq_length} visual tokens, over "
+            f"max_num_visual_tokens={max_tokens}; raise max_num_visual_tokens"
+        )
+
+
+def collate(features: Sequence[dict[str, np.ndarray]], pad_id: int, left: bool) -> dict[str, np.ndarray]:
+    """Stack single-input processor features into one batch, padded as the processor pads."""
+    batch = {}
+    for key in features[0]:
+        arrays = [f[key] for f in features]
+        width = max(a.shape[1] for a in arrays)
+        padded = []
+        for a in arrays:
+            pad = [(0, 0)] * a.ndim
+            pad[1] = (width - a.shape[1], 0) if key in _TOKEN_FEATURES and left else (0, width - a.shape[1])
+            padded.append(np.pad(a, pad, constant_values=pad_id if key == "input_ids" else 0))
+        batch[key] = np.concatenate(padded)
+    return batch
+
+
+class ColpaliBackend:
+    def __init__(self, spec: ModelSpec, device: str):
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.attention = resolve_attention(spec.attention, self.device)
+        # HF tokenizers are not safe to call from several threads at once; a few copies of the
+        # processor let that many task threads preprocess pages while the device runs a batch.
+        self._processors: queue.Queue | None = None
+        self._processors_lock = threading.Lock()
+        self.dim = 0
+
+    def load(self) -> None:
+        model_cls, processor_cls = colpali_classes(self.spec.model_class)
+        path = self.spec.resolved_path()
+        self.model = model_cls.from_pretrained(
+            path,
+            dtype=self.dtype,
+            attn_implementation=self.attention,
+            device_map={"": str(self.device)},  # bitsandbytes models cannot be moved after loading
+            quantization_config=quantization_config(self.spec.quantization, self.device),
+        ).eval()
+        self.processor = processor_cls.from_pretrained(path)
+        bound_visual_tokens(self.processor, self.spec.max_num_visual_tokens)
+        self.dim = self.model.dim
+
+    def _processor_pool(self) -> queue.Queue:
+        """`self.processor` and copies of it, one per CPU thread, made on first use."""
+        with self._processors_lock:
+            if self._processors is None:
+                self._processors = queue.Queue()
+                self._processors.put(self.processor)
+                for _ in range(max(get_settings().cpu_threads, 1) - 1):
+                    self._processors.put(copy.deepcopy(self.processor))
+            return self._processors
+
+    @contextlib.contextmanager
+    def _borrow_processor(self) -> Iterator:
+        pool = self._processor_pool()
+        timeout = get_settings().request_timeout_s
+        try:
+            processor = pool.get(timeout=timeout)
+        except queue.Empty:
+            raise ServiceUnavailable(f"No processor was free within {timeout:.0f}s.") from None
+        try:
+            yield processor
+        finally:
+            pool.put(processor)
+
+    def warmup(self) -> None:
+        page = io.BytesIO()
+        Image.new("RGB", (96, 128), "white").save(page, format="PNG")
+        self.embed([self.prepare(EmbedInput("text", text="warm up", input_type="query"))])
+        self.embed([self.prepare(EmbedInput("image", image=page.getvalue()))])
+
+    def prepare(self, item: EmbedInput) -> Prepared:
+        if item.modality == "image":
+            image = load_image(item.image, get_settings().max_image_pixels)
+            with self._borrow_processor() as processor:
+                features = processor.process_images([image])
+            n_tokens = int((features["input_ids"] == self.processor.image_token_id).sum())
+        else:
+            with self._borrow_processor() as processor:
+                features = self._process_text(processor, item)
+            n_tokens = features["input_ids"].shape[1]
+        # PaliGemma's processor adds training labels; a forward given labels would compute a loss.
+        payload = {key: value.numpy() for key, value in features.items() if key != "labels"}
+        return Prepared(cost=n_tokens, n_tokens=n_tokens, payload=(item.modality, payload))
+
+    def _process_text(self, processor, item: EmbedInput):
+        tokenizer = processor.tokenizer
+        if item.token_ids is not None:
+            if any(not 0 <= t < len(tokenizer) for t in item.token_ids):
+                raise InvalidRequest(f"Token ids must be in [0, {len(tokenizer)}).", "input")
+            text = tokenizer.decode(item.token_ids)
+        else:
+            text = item.text or ""
+        process = processor.process_queries if item.input_type == "query" else processor.process_texts
+        features = process([text])
+        n_tokens = features["input_ids"].shape[1]
+        if n_tokens <= self.spec.max_input_tokens:
+            return features
+        if not item.truncate:
+            raise InputTooLong(
+                f"An input has {n_tokens} tokens, over this model's limit of {self.spec.max_input_tokens} "
+                "(send truncate: true to cut it instead).",
+                "input",
+            )
+        # Cut the text itself, so the processor's prefix and query augmentation tokens stay whole;
+        # a decoded token prefix may re-tokenize a little longer, hence the loop.
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = len(ids)
+        while n_tokens > self.spec.max_input_tokens:
+            if keep == 0:
+                raise InputTooLong(
+                    f"This model's limit of {self.spec.max_input_tokens} tokens leaves no room for text.", "input"
+                )
+            keep = max(keep - (n_tokens - self.spec.max_input_tokens), 0)
+            features = process([tokenizer.decode(ids[:keep])])
+            n_tokens = features["input_ids"].shape[1]
+        return features
+
+    def model_inputs(self, batch: Sequence[Prepared]) -> dict[str, torch.Tensor]:
+        """The tensors one forward pass takes for `batch`, collated and on the device."""
+        if len({p.payload[0] for p in batch}) > 1:
+            raise ValueError("a batch must hold inputs of one modality")
+        tokenizer = self.processor.tokenizer
+        features = collate([p.payload[1] for p in batch], tokenizer.pad_token_id, tokenizer.padding_side == "left")
+        inputs = {}
+        for key, array in features.items():
+            tensor = torch.from_numpy(array).to(self.device)
+            inputs[key] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return inputs
+
+    def embed(self, batch: Sequence[Prepared]) -> list[np.ndarray]:
+        inputs = self.model_inputs(batch)
+        with torch.inference_mode(), oom_as_out_of_memory():
+            vectors = self.model(**inputs)
+            # Select by mask first: with SDPA, left-padded rows can be NaN rather than zero.
+            mask = inputs["attention_mask"].bool()
+            rows = vectors[mask].float().cpu().numpy()
+        return np.split(rows, np.cumsum(mask.sum(dim=1).tolist())[:-1])
+
+
+def create(spec: ModelSpec, device: str) -> ColpaliBackend:
+    return ColpaliBackend(spec, device)

@@ -1,0 +1,132 @@
+"""The CPU side of ingestion: turn one uploaded file into pages or text chunks and queue them.
+
+PDF pages go to the model's image queue in small batches as they are rendered, not after the
+whole file; text is chunked and goes to the model's text queue. A file that cannot be read fails
+alone, with its message, and the other files of its upload go on. This module loads no model.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from itertools import islice
+from typing import Any, Iterable, Iterator
+
+import redis
+
+from common.celery_app import get_celery_app
+from common.documents import (
+    chunk_text,
+    convert_office_to_pdf,
+    count_pdf_pages,
+    decode_text,
+    detect_kind,
+    parse_jsonl,
+    render_pdf_pages,
+)
+from common.errors import EmbedqError
+from common.images import encode_png, load_image
+from common.jobs import JobStore
+from common.queues import INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, INGEST_TASK
+from common.settings import get_settings
+
+app = get_celery_app()
+log = logging.getLogger(__name__)
+
+
+@lru_cache
+def job_store() -> JobStore:
+    settings = get_settings()
+    return JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+@app.task(name=INGEST_TASK)
+def ingest_file(*, job_id: str, index: int, collection: str, model: str, content_type: str | None = None) -> None:
+    jobs = job_store()
+    info = jobs.file_info(job_id, index)
+    data = jobs.upload(job_id, index)
+    if data is None:
+        jobs.fail_file(job_id, index, "the upload expired before it was processed")
+        return
+    target = {"job_id": job_id, "index": index, "collection": collection, "model": model,
+              "doc_id": info["doc_id"], "filename": info["filename"], "metadata": info["metadata"]}
+    try:
+        kind = detect_kind(info["filename"], content_type, data[:8192])
+        jobs.set_kind(job_id, index, kind)
+        if kind == "office":
+            data, kind = convert_office_to_pdf(data, info["filename"]), "pdf"
+        if kind == "pdf":
+            _queue_pdf(jobs, target, data)
+        elif kind == "image":
+            _queue_image(jobs, target, data)
+        else:
+            _queue_text(jobs, target, data, kind)
+    except EmbedqError as exc:
+        jobs.fail_file(job_id, index, exc.message)
+    except Exception as exc:  # never leave a job waiting on a file that died here
+        log.exception("ingesting %s of job %s failed", info["filename"], job_id)
+        jobs.fail_file(job_id, index, f"internal error: {exc}")
+    finally:
+        jobs.drop_upload(job_id, index)
+
+
+def _send(task: str, target: dict[str, Any], **kwargs: Any) -> None:
+    app.send_task(task, kwargs={**target, **kwargs})
+
+
+def _skip_rest(jobs: JobStore, target: dict[str, Any], units: list[str]) -> None:
+    jobs.record(target["job_id"], target["index"], "skipped", units)
+
+
+def _queue_pdf(jobs: JobStore, target: dict[str, Any], data: bytes) -> None:
+    job_id, index = target["job_id"], target["index"]
+    total = count_pdf_pages(data)
+    jobs.set_total(job_id, index, total)
+    per_task = get_settings().ingest_pages_per_task
+    for batch in _batches(render_pdf_pages(data), per_task):
+        if jobs.is_cancelled(job_id):
+            _skip_rest(jobs, target, [page_unit(index, page + 1) for page in range(batch[0][0], total)])
+            return
+        pages = [{"page": page + 1, "image": encode_png(image)} for page, image in batch]
+        _send(INDEX_PAGES_TASK, target, pages=pages)
+
+
+def _queue_image(jobs: JobStore, target: dict[str, Any], data: bytes) -> None:
+    load_image(data, get_settings().max_image_pixels)  # refuse a bad image here, as its file's error
+    jobs.set_total(target["job_id"], target["index"], 1)
+    _send(INDEX_PAGES_TASK, target, pages=[{"page": 1, "image": data}])
+
+
+def _queue_text(jobs: JobStore, target: dict[str, Any], data: bytes, kind: str) -> None:
+    settings = get_settings()
+    if kind == "jsonl":
+        records = [(r["id"], r["text"], {**target["metadata"], **r["metadata"]}) for r in parse_jsonl(data)]
+    else:
+        records = [(target["doc_id"], decode_text(data), target["metadata"])]
+    chunks = [
+        {"doc_id": doc_id, "chunk": number, "text": text, "metadata": metadata}
+        for doc_id, body, metadata in records
+        for number, text in enumerate(chunk_text(body, settings.chunk_size, settings.chunk_overlap))
+    ]
+    job_id, index = target["job_id"], target["index"]
+    jobs.set_total(job_id, index, len(chunks))
+    for start in range(0, len(chunks), settings.ingest_chunks_per_task):
+        if jobs.is_cancelled(job_id):
+            _skip_rest(jobs, target, [chunk_unit(index, c) for c in chunks[start:]])
+            return
+        _send(INDEX_CHUNKS_TASK, target, chunks=chunks[start : start + settings.ingest_chunks_per_task])
+
+
+def page_unit(index: int, page: int) -> str:
+    """A page's unit id on its job (pages count from 1)."""
+    return f"{index}:{page}"
+
+
+def chunk_unit(index: int, chunk: dict[str, Any]) -> str:
+    return f"{index}:{chunk['doc_id']}:{chunk['chunk']}"

@@ -1,0 +1,140 @@
+"""The Celery tasks a model worker runs. Names, queues and argument shapes are a documented
+contract (README, "Direct Celery submission"), so other Python backends can submit them directly.
+
+- `embedq.embed` answers online requests with vectors;
+- `embedq.index_pages` / `embedq.index_chunks` embed a batch of an ingestion job's pages or text
+  chunks and write them to the job's collection, then count them on the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from common.celery_app import get_celery_app
+from common.errors import BackendError, EmbedqError, InvalidRequest, ServiceUnavailable
+from common.milvus_store import ChunkRecord, MilvusStore, PageRecord
+from common.queues import EMBED_TASK, INDEX_CHUNKS_TASK, INDEX_PAGES_TASK
+from common.settings import get_settings
+from common.vectors import finalize, pack
+
+from . import runtime
+from .backends.base import EmbedInput, Prepared
+from .ingest import chunk_unit, job_store, page_unit
+
+app = get_celery_app()
+log = logging.getLogger(__name__)
+
+
+@lru_cache
+def vector_store() -> MilvusStore:
+    return MilvusStore(get_settings().milvus_uri)
+
+
+def run_model(model: str, modality: str, items: list[EmbedInput]) -> tuple[list[np.ndarray], list[Prepared]]:
+    """The raw model outputs for `items`, batched with whatever else this worker has pending."""
+    rt = runtime.current()
+    if model != rt.spec.name or modality not in rt.modalities:
+        raise InvalidRequest(f"This worker serves {rt.spec.name} {rt.modalities}, not {model} {modality}.", "model")
+    prepared = [rt.backend.prepare(item) for item in items]
+    futures = rt.batcher.submit(modality, prepared)
+    timeout = get_settings().request_timeout_s
+    try:
+        return [future.result(timeout=timeout) for future in futures], prepared
+    except FutureTimeout:
+        raise ServiceUnavailable(f"The model did not answer within {timeout:.0f}s.") from None
+    except EmbedqError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"The model failed on this batch: {exc}") from exc
+
+
+@app.task(name=EMBED_TASK)
+def embed(
+    *,
+    model: str,
+    modality: str,
+    inputs: list[dict[str, Any]],
+    output: str = "pooled",
+    normalize: bool | None = None,
+    dimensions: int | None = None,
+    input_type: str = "document",
+    truncate: bool = True,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Embed `inputs` (each `{"text": str}`, `{"token_ids": [int]}` or `{"image": bytes}`).
+
+    Returns `{"dtype", "shapes", "data": [bytes per input], "tokens": [int per input]}`:
+    pooled output gives shape `(dim,)`, multivector `(n_tokens, dim)`.
+    """
+    spec = runtime.current().spec
+    if output == "multivector" and not spec.multivector:
+        raise InvalidRequest(f"The model '{model}' gives one vector per input; output must be 'pooled'.", "output")
+    items = [EmbedInput(modality=modality, input_type=input_type, truncate=truncate, **entry) for entry in inputs]
+    arrays, prepared = run_model(model, modality, items)
+    normalize = spec.normalize if normalize is None else normalize
+    vectors = [finalize(a, pooled=output == "pooled", normalize=normalize, dimensions=dimensions) for a in arrays]
+    return {**pack(vectors, dtype), "tokens": [p.n_tokens for p in prepared]}
+
+
+def _index(job_id: str, index: int, collection: str, units: list[str], what: str, write) -> None:
+    """Run `write` for a batch of a job's units unless the job is cancelled, and count the units
+    as processed, failed (with the error on their file) or skipped. Never raises: a batch that
+    fails is counted, so its job still finishes. The report that finishes the job flushes the
+    collection, so its rows are searched through the index, not by brute force."""
+    jobs = job_store()
+    if jobs.is_cancelled(job_id):
+        finished = jobs.record(job_id, index, "skipped", units)
+    else:
+        try:
+            write()
+        except Exception as exc:
+            if not isinstance(exc, EmbedqError):
+                log.exception("indexing %s of job %s failed", what, job_id)
+            finished = jobs.record(job_id, index, "failed", units, error=f"{what}: {exc}")
+        else:
+            finished = jobs.record(job_id, index, "processed", units)
+    if finished:
+        vector_store().flush(collection)
+
+
+@app.task(name=INDEX_PAGES_TASK)
+def index_pages(
+    *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
+    metadata: dict[str, Any], pages: list[dict[str, Any]],
+) -> None:
+    """Embed page images (`[{"page": int, "image": bytes}]`) and store their token vectors."""
+
+    def write() -> None:
+        arrays, _ = run_model(model, "image", [EmbedInput("image", image=p["image"]) for p in pages])
+        vector_store().upsert_pages(collection, [
+            PageRecord(doc_id=doc_id, page=p["page"], filename=filename, metadata=metadata,
+                       vectors=finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16))
+            for p, a in zip(pages, arrays)
+        ])
+
+    first, last = pages[0]["page"], pages[-1]["page"]
+    _index(job_id, index, collection, [page_unit(index, p["page"]) for p in pages], f"pages {first}-{last} of {filename}", write)
+
+
+@app.task(name=INDEX_CHUNKS_TASK)
+def index_chunks(
+    *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
+    metadata: dict[str, Any], chunks: list[dict[str, Any]],
+) -> None:
+    """Embed text chunks (`[{"doc_id", "chunk", "text", "metadata"}]`) and store one vector each."""
+
+    def write() -> None:
+        items = [EmbedInput("text", text=c["text"], input_type="document") for c in chunks]
+        arrays, _ = run_model(model, "text", items)
+        vector_store().upsert_chunks(collection, [
+            ChunkRecord(doc_id=c["doc_id"], chunk=c["chunk"], filename=filename, text=c["text"],
+                        metadata=c["metadata"], vector=finalize(a, pooled=True, normalize=True, dimensions=None))
+            for c, a in zip(chunks, arrays)
+        ])
+
+    _index(job_id, index, collection, [chunk_unit(index, c) for c in chunks], f"chunks of {filename}", write)
