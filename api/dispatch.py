@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -71,10 +72,11 @@ class Dispatcher:
         kwargs = {"model": model, "modality": modality, "inputs": inputs, **options}
 
         timeout = self._settings.request_timeout_s
+        # Expires with the wait: a worker drops a task whose caller has given up.
+        expires = datetime.now(timezone.utc) + timedelta(seconds=timeout)
 
         def send() -> None:
-            # Expires with the wait: a worker drops a task whose caller has given up.
-            self._celery.send_task(EMBED_TASK, kwargs=kwargs, task_id=task_id, expires=timeout)
+            self._celery.send_task(EMBED_TASK, kwargs=kwargs, task_id=task_id, expires=expires)
 
-        result = await self._waiter.call(task_id, send, timeout)
+        result = await self._waiter.call(task_id, embed_queue(model, modality), send, timeout)
         return Embedded(result)

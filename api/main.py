@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         client = aioredis.Redis.from_url(settings.redis_url, max_connections=256)
         celery = create_celery_app(settings)
-        waiter = ResultWaiter(client, celery)
+        waiter = ResultWaiter(client, celery, settings.lost_task_check_s)
         await waiter.start()
         app.state.settings = settings
         app.state.redis = client
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.models_created = int(settings.models_file.stat().st_mtime)
         app.state.dispatcher = Dispatcher(settings, client, celery, waiter)
         app.state.celery = celery
+        app.state.waiter = waiter
         app.state.jobs = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
         app.state.store = LazyStore(settings.milvus_uri)
         try:

@@ -1,4 +1,4 @@
-"""Awaiting Celery results without parking a thread per request.
+"""Awaiting Celery results without parking a thread per request, and sending lost tasks again.
 
 Celery's Redis result backend stores each result under `celery-task-meta-<id>` and publishes it
 on a channel of that name. One pub/sub connection per API process subscribes to the pattern of
@@ -6,18 +6,24 @@ those channels once, and resolves the futures of the tasks it waits for: no subs
 unsubscribe per request. (Each API replica hears every result; it only decodes its own.) If a
 message is missed (the connection dropped and came back, say), a periodic GET of the stored result
 catches it, so no wait depends on pub/sub alone, and every wait ends at its deadline.
+
+A sweep looks for the tasks waited on longer than `lost_task_check_s`; one the broker lost (see
+common.delivery) at two sweeps in a row is sent again under its id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import redis.asyncio as aioredis
 from celery import Celery
 
 from common import keys
+from common.delivery import missing_tasks
 from common.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -25,21 +31,35 @@ log = logging.getLogger(__name__)
 _POLL_INTERVAL_S = 1.0
 
 
+@dataclass
+class _Waiting:
+    future: asyncio.Future
+    queue: str
+    send: Callable[[], object]
+    sent_at: float
+    missing_before: bool = False
+
+
 class ResultWaiter:
-    def __init__(self, client: aioredis.Redis, celery: Celery):
+    def __init__(self, client: aioredis.Redis, celery: Celery, lost_task_check_s: float):
         self._client = client
         self._backend = celery.backend
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self._waiting: dict[str, asyncio.Future] = {}
-        self._listener: asyncio.Task | None = None
+        self._waiting: dict[str, _Waiting] = {}
+        self._check_s = lost_task_check_s
+        self._background: list[asyncio.Task] = []
+        self.resent = 0  # tasks sent again because the broker lost them
 
     async def start(self) -> None:
         await self._pubsub.psubscribe(keys.result_channel("*"))
-        self._listener = asyncio.create_task(self._listen(), name="embedq-results")
+        self._background = [
+            asyncio.create_task(self._listen(), name="embedq-results"),
+            asyncio.create_task(self._sweep(), name="embedq-lost-tasks"),
+        ]
 
     async def close(self) -> None:
-        if self._listener:
-            self._listener.cancel()
+        for task in self._background:
+            task.cancel()
         await self._pubsub.aclose()
 
     async def _listen(self) -> None:
@@ -55,15 +75,16 @@ class ResultWaiter:
             if message is None:
                 continue
             task_id = message["channel"].decode().removeprefix(keys.RESULT_PREFIX)
-            future = self._waiting.get(task_id)
-            if future is not None and not future.done():
-                future.set_result(message["data"])
+            waiting = self._waiting.get(task_id)
+            if waiting is not None and not waiting.future.done():
+                waiting.future.set_result(message["data"])
 
-    async def call(self, task_id: str, send: Callable[[], object], timeout: float) -> Any:
-        """Subscribe to the task's result, `send` it, and return its value; raises the task's
-        error, or ServiceUnavailable at the deadline."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[task_id] = future
+    async def call(self, task_id: str, queue: str, send: Callable[[], object], timeout: float) -> Any:
+        """Wait for the result of the task `send` sends to `queue` and return its value; raises the
+        task's error, or ServiceUnavailable at the deadline. `send` may be called again."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting[task_id] = _Waiting(future, queue, send, loop.time())
         try:
             send()
             return self._outcome(await self._await(task_id, future, timeout))
@@ -88,3 +109,36 @@ class ResultWaiter:
         if meta["status"] == "SUCCESS":
             return meta["result"]
         raise self._backend.exception_to_python(meta["result"])
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_s)
+            try:
+                await self.resend_lost()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("looking for lost tasks failed; trying again at the next sweep")
+
+    async def resend_lost(self) -> None:
+        now = asyncio.get_running_loop().time()
+        overdue: dict[str, list[str]] = defaultdict(list)
+        for task_id, waiting in self._waiting.items():
+            if now - waiting.sent_at >= self._check_s:
+                overdue[waiting.queue].append(task_id)
+        for queue, task_ids in overdue.items():
+            missing = {task_id.decode() for task_id in await missing_tasks(self._client, queue, task_ids)}
+            for task_id in task_ids:
+                waiting = self._waiting.get(task_id)
+                if waiting is None:
+                    continue
+                if task_id not in missing:
+                    waiting.missing_before = False
+                elif not waiting.missing_before:
+                    waiting.missing_before = True
+                else:
+                    log.warning("task %s vanished from %s (a worker died taking it); sending it again", task_id, queue)
+                    waiting.send()
+                    waiting.sent_at = now
+                    waiting.missing_before = False
+                    self.resent += 1

@@ -1,5 +1,5 @@
-"""A worker SIGKILLed while it holds requests: another worker runs them, nothing is lost, and every
-request gets exactly its own answer once."""
+"""A worker SIGKILLed while it holds requests, or while it takes one off the queue: another worker
+runs them, nothing is lost, and every request gets exactly its own answer."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 import redis
 
 from common import procs
+from common.delivery import UNACKED_KEY, queue_lists
+from common.queues import embed_queue
 
 from .stack import start_api, start_worker
 
@@ -61,5 +63,42 @@ def test_sigkilled_worker_loses_nothing(loss_env, logs, reference_minilm):
             reference = reference_minilm.encode(texts)
             assert ((ours * reference).sum(1)).min() >= 0.9999  # each answer is its own request's
         assert client.hlen("unacked") == 0
+    finally:
+        procs.stop([p for p in (first, second, api) if p is not None])
+
+
+@pytest.mark.slow
+def test_a_request_lost_with_a_worker_taking_it_is_sent_again(loss_env, logs, reference_minilm):
+    # The heartbeat outlives the stopped worker, so the API still takes the request.
+    env = {**loss_env, "EMBEDQ_LOST_TASK_CHECK_S": "1", "EMBEDQ_WORKER_HEARTBEAT_TTL_S": "30"}
+    client = redis.Redis.from_url(env["EMBEDQ_REDIS_URL"])
+    lists = queue_lists(embed_queue(MODEL, "text"))
+    first = start_worker(env, MODEL, logs / "worker-lost-a.log")
+    api, base = start_api(env, logs / "api-lost.log")
+    second = None
+    try:
+        first.send_signal(signal.SIGSTOP)
+        text = "a request whose message the broker loses"
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(httpx.post, f"{base}/v1/embeddings", json={"model": MODEL, "input": text}, timeout=120)
+            # The stopped worker's pending BRPOP takes the message off the queue, and it never
+            # records it as held; if that BRPOP was not pending, take the message off the same way.
+            deadline = time.monotonic() + 10
+            while not any(client.llen(key) for key in lists) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for key in lists:
+                client.rpop(key)
+            assert not any(client.llen(key) for key in lists)
+            assert not any(MODEL.encode() in message for message in client.hvals(UNACKED_KEY))
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            second = start_worker(env, MODEL, logs / "worker-lost-b.log")
+            response = future.result(timeout=120)
+        assert response.status_code == 200, response.text
+        ours = np.array(response.json()["data"][0]["embedding"])
+        assert float(ours @ reference_minilm.encode(text)) >= 0.9999
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text.splitlines()
+        resent = next(line for line in metrics if line.startswith("embedq_tasks_resent_total "))
+        assert float(resent.split()[1]) >= 1  # more if the stopped worker's BRPOP took it again
     finally:
         procs.stop([p for p in (first, second, api) if p is not None])

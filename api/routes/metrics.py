@@ -104,9 +104,12 @@ class _Families:
         return self.families
 
 
-def render(http: HttpStats, reading: RedisReading | None) -> bytes:
+def render(http: HttpStats, reading: RedisReading | None, resent: int = 0) -> bytes:
     """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them."""
     families = list(http.collect())
+    families.append(CounterMetricFamily(
+        "embedq_tasks_resent", "Online tasks sent again because the broker lost them (api.results).", value=resent
+    ))
     if reading is not None:
         families += reading.collect()
     families.append(
@@ -123,4 +126,5 @@ async def metrics(request: Request, client: RedisDep, registry: RegistryDep, set
         # Still answer: the HTTP counters are worth having while Redis is down.
         log.warning("metrics: reading Redis failed", exc_info=True)
         reading = None
-    return Response(render(request.app.state.http_stats, reading), media_type=CONTENT_TYPE_LATEST)
+    resent = request.app.state.waiter.resent
+    return Response(render(request.app.state.http_stats, reading, resent), media_type=CONTENT_TYPE_LATEST)

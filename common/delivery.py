@@ -1,0 +1,57 @@
+"""Finding tasks the broker lost, so their senders can send them again.
+
+Kombu's Redis transport moves a message from its queue to the `unacked` hash in two steps: a BRPOP
+takes it off the list, then the worker records it as held. A worker killed between the two (or
+while stopped with a BRPOP outstanding) takes the message with it, and the visibility timeout
+cannot bring it back. A task that is in none of its queue's lists, not held by any worker and has
+no result is such a task. Senders look for their overdue tasks with `missing_tasks` and send them
+again under the same id; running a task twice only writes the same result twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+from . import keys
+
+UNACKED_KEY = Channel.unacked_key
+
+# Messages are kombu's JSON envelopes; the task id is the `correlation_id` among the properties,
+# which come last, so a small tail of each message finds it without scanning large bodies.
+_MISSING = f"""
+local found = {{}}
+local function note(message)
+    local id = string.match(string.sub(message, -2048), '"correlation_id": *"([^"]+)"')
+        or string.match(message, '"correlation_id": *"([^"]+)"')
+    if id then found[id] = true end
+end
+for i = 1, #KEYS - 1 do
+    for _, message in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do note(message) end
+end
+for _, message in ipairs(redis.call('HVALS', KEYS[#KEYS])) do note(message) end
+local missing = {{}}
+for _, id in ipairs(ARGV) do
+    if not found[id] and redis.call('EXISTS', '{keys.RESULT_PREFIX}' .. id) == 0 then
+        table.insert(missing, id)
+    end
+end
+return missing
+"""
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for a queue, one per priority step."""
+    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
+
+
+def missing_tasks(client: Any, queue: str, task_ids: list[str]) -> Any:
+    """Of `task_ids` (sent to `queue`), those neither queued, held by a worker nor answered.
+
+    Works with a sync or an asyncio Redis client (await the result of the latter). One atomic
+    script, so a task never looks missing while it moves between those places — except within
+    kombu's two-step fetch, which is why callers act only on a task missing at two looks apart.
+    """
+    script = client.register_script(_MISSING)
+    return script(keys=[*queue_lists(queue), UNACKED_KEY], args=task_ids)
