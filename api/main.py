@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from common.celery_app import create_celery_app
+from common.job_tasks import JobTasks
 from common.jobs import JobStore
 from common.registry import load_registry
 from common.settings import Settings, get_settings
@@ -39,9 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = load_registry(settings.models_file)
         app.state.models_created = int(settings.models_file.stat().st_mtime)
         app.state.dispatcher = Dispatcher(settings, client, celery, waiter)
-        app.state.celery = celery
         app.state.waiter = waiter
-        app.state.jobs = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
+        sync_client = redis.Redis.from_url(settings.redis_url)
+        app.state.jobs = JobStore(sync_client, settings.job_ttl_s)
+        app.state.job_tasks = JobTasks(sync_client, celery, settings.job_ttl_s)
         app.state.store = LazyStore(settings.milvus_uri)
         try:
             yield

@@ -127,7 +127,7 @@ class ResultWaiter:
             if now - waiting.sent_at >= self._check_s:
                 overdue[waiting.queue].append(task_id)
         for queue, task_ids in overdue.items():
-            missing = {task_id.decode() for task_id in await missing_tasks(self._client, queue, task_ids)}
+            missing = {task_id.decode() for task_id in await missing_tasks(self._client, [queue], task_ids)}
             for task_id in task_ids:
                 waiting = self._waiting.get(task_id)
                 if waiting is None:

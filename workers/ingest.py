@@ -26,6 +26,7 @@ from common.documents import (
 )
 from common.errors import EmbedqError
 from common.images import encode_png, load_image
+from common.job_tasks import JobTasks
 from common.jobs import JobStore
 from common.queues import INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, INGEST_TASK
 from common.settings import get_settings
@@ -40,19 +41,28 @@ def job_store() -> JobStore:
     return JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
 
 
+@lru_cache
+def job_tasks() -> JobTasks:
+    settings = get_settings()
+    return JobTasks(redis.Redis.from_url(settings.redis_url), app, settings.job_ttl_s)
+
+
 def _batches(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
 
 
-@app.task(name=INGEST_TASK)
-def ingest_file(*, job_id: str, index: int, collection: str, model: str, content_type: str | None = None) -> None:
+@app.task(name=INGEST_TASK, bind=True)
+def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, content_type: str | None = None) -> None:
     jobs = job_store()
     info = jobs.file_info(job_id, index)
     data = jobs.upload(job_id, index)
     if data is None:
-        jobs.fail_file(job_id, index, "the upload expired before it was processed")
+        # Gone after its pages or chunks were queued: this is a second delivery of a done file.
+        if info.get("status") == "queued":
+            jobs.fail_file(job_id, index, "the upload expired before it was processed")
+        job_tasks().done(job_id, self.request.id)
         return
     target = {"job_id": job_id, "index": index, "collection": collection, "model": model,
               "doc_id": info["doc_id"], "filename": info["filename"], "metadata": info["metadata"]}
@@ -74,10 +84,11 @@ def ingest_file(*, job_id: str, index: int, collection: str, model: str, content
         jobs.fail_file(job_id, index, f"internal error: {exc}")
     finally:
         jobs.drop_upload(job_id, index)
+        job_tasks().done(job_id, self.request.id)
 
 
 def _send(task: str, target: dict[str, Any], **kwargs: Any) -> None:
-    app.send_task(task, kwargs={**target, **kwargs})
+    job_tasks().send(target["job_id"], task, {**target, **kwargs})
 
 
 def _skip_rest(jobs: JobStore, target: dict[str, Any], units: list[str]) -> None:

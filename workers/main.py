@@ -57,9 +57,10 @@ def run_worker(model: str, device: str | None = None, modalities: list[str] | No
 
 def run_ingest_worker() -> None:
     """The CPU worker that renders PDFs and chunks text (no model; several processes)."""
-    from . import ingest  # noqa: F401  (registers the ingestion task)
+    from .ingest import job_tasks  # also registers the ingestion task
 
     settings = get_settings()
+    job_tasks().start_sweeper(settings.lost_task_check_s)
     get_celery_app().worker_main(
         [
             "worker",

@@ -24,7 +24,7 @@ from common.vectors import finalize, pack
 
 from . import runtime
 from .backends.base import EmbedInput, Prepared
-from .ingest import chunk_unit, job_store, page_unit
+from .ingest import chunk_unit, job_store, job_tasks, page_unit
 
 app = get_celery_app()
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def embed(
     return {**pack(vectors, dtype), "tokens": [p.n_tokens for p in prepared]}
 
 
-def _index(job_id: str, index: int, collection: str, units: list[str], what: str, write) -> None:
+def _index(task_id: str, job_id: str, index: int, collection: str, units: list[str], what: str, write) -> None:
     """Run `write` for a batch of a job's units unless the job is cancelled, and count the units
     as processed, failed (with the error on their file) or skipped. Never raises: a batch that
     fails is counted, so its job still finishes. The report that finishes the job flushes the
@@ -98,13 +98,14 @@ def _index(job_id: str, index: int, collection: str, units: list[str], what: str
             finished = jobs.record(job_id, index, "failed", units, error=f"{what}: {exc}")
         else:
             finished = jobs.record(job_id, index, "processed", units)
+    job_tasks().done(job_id, task_id)
     if finished:
         vector_store().flush(collection)
 
 
-@app.task(name=INDEX_PAGES_TASK)
+@app.task(name=INDEX_PAGES_TASK, bind=True)
 def index_pages(
-    *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
+    self, *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
     metadata: dict[str, Any], pages: list[dict[str, Any]],
 ) -> None:
     """Embed page images (`[{"page": int, "image": bytes}]`) and store their token vectors."""
@@ -118,12 +119,12 @@ def index_pages(
         ])
 
     first, last = pages[0]["page"], pages[-1]["page"]
-    _index(job_id, index, collection, [page_unit(index, p["page"]) for p in pages], f"pages {first}-{last} of {filename}", write)
+    _index(self.request.id, job_id, index, collection, [page_unit(index, p["page"]) for p in pages], f"pages {first}-{last} of {filename}", write)
 
 
-@app.task(name=INDEX_CHUNKS_TASK)
+@app.task(name=INDEX_CHUNKS_TASK, bind=True)
 def index_chunks(
-    *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
+    self, *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
     metadata: dict[str, Any], chunks: list[dict[str, Any]],
 ) -> None:
     """Embed text chunks (`[{"doc_id", "chunk", "text", "metadata"}]`) and store one vector each."""
@@ -137,4 +138,4 @@ def index_chunks(
             for c, a in zip(chunks, arrays)
         ])
 
-    _index(job_id, index, collection, [chunk_unit(index, c) for c in chunks], f"chunks of {filename}", write)
+    _index(self.request.id, job_id, index, collection, [chunk_unit(index, c) for c in chunks], f"chunks of {filename}", write)

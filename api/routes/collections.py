@@ -121,10 +121,11 @@ async def upload_documents(name: str, request: Request, store: StoreDep) -> Resp
         files.append(UploadedFile(upload.filename or f"file{len(files)}", upload.content_type, data, meta, doc_id))
     jobs = request.app.state.jobs
     job_id = await asyncio.to_thread(jobs.create, name, collection["model"], files)
-    celery = request.app.state.celery
+    job_tasks = request.app.state.job_tasks
     for index, file in enumerate(files):
-        celery.send_task(INGEST_TASK, kwargs={"job_id": job_id, "index": index, "collection": name,
-                                              "model": collection["model"], "content_type": file.content_type})
+        await asyncio.to_thread(job_tasks.send, job_id, INGEST_TASK, {
+            "job_id": job_id, "index": index, "collection": name, "model": collection["model"],
+            "content_type": file.content_type})
     return json_response(await asyncio.to_thread(jobs.get, job_id), 202)
 
 
