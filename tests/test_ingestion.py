@@ -288,12 +288,13 @@ def test_a_page_batch_the_broker_lost_is_sent_again(ingest_api, ingest_env, logs
     procs.stop([worker])
     pages = 6
     job = upload(base, "recovered", [("lost.pdf", make_pdf(pages, seed=6), "application/pdf")])
+    queue = embed_queue(KILL_MODEL, "image")
     deadline = time.monotonic() + 60
-    while httpx.get(f"{base}/v1/jobs/{job['id']}").json()["total"] < pages:
+    while client.llen(queue) < pages // 2:  # every batch of 2 pages rendered and queued
         assert time.monotonic() < deadline
         time.sleep(0.1)
     # What a worker killed between kombu's BRPOP and its record of the message leaves behind.
-    lost = json.loads(client.rpop(embed_queue(KILL_MODEL, "image")))["properties"]["correlation_id"]
+    lost = json.loads(client.rpop(queue))["properties"]["correlation_id"]
     assert client.hexists(keys.job_tasks(job["id"]), lost)
     worker = start_worker(ingest_env, KILL_MODEL, logs / "worker-lost-b.log")
     try:
