@@ -32,8 +32,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = aioredis.Redis.from_url(settings.redis_url, max_connections=256)
+        sync_client = redis.Redis.from_url(settings.redis_url)
         celery = create_celery_app(settings)
-        waiter = ResultWaiter(client, celery, settings.lost_task_check_s)
+        waiter = ResultWaiter(client, sync_client, celery, settings.lost_task_check_s)
         await waiter.start()
         app.state.settings = settings
         app.state.redis = client
@@ -41,7 +42,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.models_created = int(settings.models_file.stat().st_mtime)
         app.state.dispatcher = Dispatcher(settings, client, celery, waiter)
         app.state.waiter = waiter
-        sync_client = redis.Redis.from_url(settings.redis_url)
         app.state.jobs = JobStore(sync_client, settings.job_ttl_s)
         app.state.job_tasks = JobTasks(sync_client, celery, settings.job_ttl_s)
         app.state.store = LazyStore(settings.milvus_uri)

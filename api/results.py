@@ -7,23 +7,26 @@ unsubscribe per request. (Each API replica hears every result; it only decodes i
 message is missed (the connection dropped and came back, say), a periodic GET of the stored result
 catches it, so no wait depends on pub/sub alone, and every wait ends at its deadline.
 
-A sweep looks for the tasks waited on longer than `lost_task_check_s`; one the broker lost (see
-common.delivery) at two sweeps in a row is sent again under its id.
+Every `lost_task_check_s` a sweep looks for the tasks waited on since before a worker was last
+found dead (and not seen in flight since); one the broker lost with it (common.delivery) is sent
+again under its id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import redis
 import redis.asyncio as aioredis
 from celery import Celery
 
 from common import keys
-from common.delivery import missing_tasks
+from common.delivery import find_lost, worker_died_at
 from common.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -36,13 +39,13 @@ class _Waiting:
     future: asyncio.Future
     queue: str
     send: Callable[[], object]
-    sent_at: float
-    missing_before: bool = False
+    known_at: float  # when it was sent, or last seen queued or held
 
 
 class ResultWaiter:
-    def __init__(self, client: aioredis.Redis, celery: Celery, lost_task_check_s: float):
+    def __init__(self, client: aioredis.Redis, sync_client: redis.Redis, celery: Celery, lost_task_check_s: float):
         self._client = client
+        self._sync_client = sync_client  # for common.delivery, in a thread
         self._backend = celery.backend
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
         self._waiting: dict[str, _Waiting] = {}
@@ -82,9 +85,8 @@ class ResultWaiter:
     async def call(self, task_id: str, queue: str, send: Callable[[], object], timeout: float) -> Any:
         """Wait for the result of the task `send` sends to `queue` and return its value; raises the
         task's error, or ServiceUnavailable at the deadline. `send` may be called again."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._waiting[task_id] = _Waiting(future, queue, send, loop.time())
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[task_id] = _Waiting(future, queue, send, time.time())
         try:
             send()
             return self._outcome(await self._await(task_id, future, timeout))
@@ -121,24 +123,20 @@ class ResultWaiter:
                 log.exception("looking for lost tasks failed; trying again at the next sweep")
 
     async def resend_lost(self) -> None:
-        now = asyncio.get_running_loop().time()
-        overdue: dict[str, list[str]] = defaultdict(list)
+        died_at = await asyncio.to_thread(worker_died_at, self._sync_client)
+        suspects: dict[str, list[str]] = defaultdict(list)
         for task_id, waiting in self._waiting.items():
-            if now - waiting.sent_at >= self._check_s:
-                overdue[waiting.queue].append(task_id)
-        for queue, task_ids in overdue.items():
-            missing = {task_id.decode() for task_id in await missing_tasks(self._client, [queue], task_ids)}
+            if waiting.known_at < died_at:
+                suspects[waiting.queue].append(task_id)
+        for queue, task_ids in suspects.items():
+            looked_at = time.time()
+            lost = set(await asyncio.to_thread(find_lost, self._sync_client, [queue], task_ids))
             for task_id in task_ids:
                 waiting = self._waiting.get(task_id)
                 if waiting is None:
                     continue
-                if task_id not in missing:
-                    waiting.missing_before = False
-                elif not waiting.missing_before:
-                    waiting.missing_before = True
-                else:
-                    log.warning("task %s vanished from %s (a worker died taking it); sending it again", task_id, queue)
+                waiting.known_at = looked_at
+                if task_id in lost:
+                    log.warning("task %s vanished from %s with a dead worker; sending it again", task_id, queue)
                     waiting.send()
-                    waiting.sent_at = now
-                    waiting.missing_before = False
                     self.resent += 1

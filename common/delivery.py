@@ -4,19 +4,23 @@ Kombu's Redis transport moves a message from its queue to the `unacked` hash in 
 takes it off the list, then the worker records it as held. A worker killed between the two (or
 while stopped with a BRPOP outstanding) takes the message with it, and the visibility timeout
 cannot bring it back. A task that is in none of its queue's lists, not held by any worker and has
-no result is such a task. Senders look for their overdue tasks with `missing_tasks` and send them
-again under the same id; running a task twice only writes the same result twice.
+no result is such a task, and only a dying worker makes one: so a sender looks, with `find_lost`,
+only at its tasks sent before the last time a worker was found dead (`worker_died_at`, written by
+common.heartbeat), and sends the lost ones again under their ids; running a task twice only
+writes the same result twice.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
+import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from . import keys
 
 UNACKED_KEY = Channel.unacked_key
+SECOND_LOOK_S = 1.0  # a live worker records a task it took within milliseconds
 
 # Messages are kombu's JSON envelopes; the task id is the `correlation_id` among the properties,
 # which come last, so a small tail of each message finds it without scanning large bodies.
@@ -46,14 +50,27 @@ def queue_lists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
 
 
-def missing_tasks(client: Any, queues: list[str], task_ids: list[str]) -> Any:
+def missing_tasks(client: redis.Redis, queues: list[str], task_ids: list[str]) -> list[str]:
     """Of `task_ids` (each sent to one of `queues`), those neither queued, held by a worker nor
     answered.
 
-    Works with a sync or an asyncio Redis client (await the result of the latter). One atomic
-    script, so a task never looks missing while it moves between those places — except within
-    kombu's two-step fetch, which is why callers act only on a task missing at two looks apart.
+    One atomic script, so a task never looks missing while it moves between those places, except
+    within kombu's two-step fetch: `find_lost` looks twice.
     """
     script = client.register_script(_MISSING)
     lists = [key for queue in queues for key in queue_lists(queue)]
-    return script(keys=[*lists, UNACKED_KEY], args=task_ids)
+    return [task_id.decode() for task_id in script(keys=[*lists, UNACKED_KEY], args=task_ids)]
+
+
+def find_lost(client: redis.Redis, queues: list[str], task_ids: list[str]) -> list[str]:
+    """Of `task_ids`, those missing (see `missing_tasks`) at two looks `SECOND_LOOK_S` apart."""
+    missing = missing_tasks(client, queues, task_ids) if task_ids else []
+    if not missing:
+        return []
+    time.sleep(SECOND_LOOK_S)
+    return missing_tasks(client, queues, missing)
+
+
+def worker_died_at(client: redis.Redis) -> float:
+    """When a worker was last found dead (0 if never): tasks sent since cannot have been lost."""
+    return float(client.get(keys.WORKER_DIED_AT) or 0)

@@ -1,11 +1,13 @@
 """The tasks an ingestion job has in flight, kept until they report, so that a task the broker
-lost (common.delivery) is sent again and the job still finishes with every page and chunk.
+lost with a dying worker (common.delivery) is sent again and the job still finishes with every
+page and chunk.
 
 Senders (the API for a job's files, the ingestion worker for their page and chunk batches) send
 through `JobTasks.send`, which keeps a copy of the task; a task forgets its copy when it has
-counted its work on the job. Ingestion workers sweep every `lost_task_check_s` (one at a time,
-under a lock): a task sent that long ago and missing at two looks a second apart is sent again
-under its id, which is safe because every write and count of a job is idempotent.
+counted its work on the job. Ingestion workers sweep every `lost_task_check_s`, one at a time
+under a lock; each task is stamped with when it was last known in flight, so a sweep looks only
+at tasks not seen since a worker was last found dead. A lost one is sent again under its id,
+which is safe because every write and count of a job is idempotent.
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ import redis
 from celery import Celery
 
 from . import keys
-from .delivery import missing_tasks
+from .delivery import SECOND_LOOK_S, find_lost, worker_died_at
 from .queues import INGEST_QUEUE, embed_queue
 
 log = logging.getLogger(__name__)
-
-SECOND_LOOK_S = 1.0
 
 
 class JobTasks:
@@ -48,6 +48,7 @@ class JobTasks:
         return task_id
 
     def done(self, job_id: str, task_id: str) -> None:
+        """Forget a task that has counted its work on the job."""
         with self._client.pipeline() as pipe:
             pipe.hdel(keys.job_tasks(job_id), task_id)
             pipe.zrem(keys.job_tasks_sent(job_id), task_id)
@@ -61,9 +62,11 @@ class JobTasks:
         model = model.decode()
         return [INGEST_QUEUE, embed_queue(model, "image"), embed_queue(model, "text")]
 
-    def resend_lost(self, older_than_s: float) -> int:
-        """One sweep over the open jobs; returns how many tasks it sent again."""
-        suspects: list[tuple[str, list[str], list[str]]] = []
+    def resend_lost(self) -> int:
+        """One sweep: the open jobs' tasks sent before a worker was last found dead, and not seen
+        in flight since, are looked for, and the lost ones sent again. Returns how many."""
+        died_at = worker_died_at(self._client)
+        resent = 0
         for raw in self._client.smembers(keys.JOBS_OPEN):
             job_id = raw.decode()
             queues = self._queues(job_id)
@@ -71,22 +74,20 @@ class JobTasks:
                 self._client.srem(keys.JOBS_OPEN, job_id)
                 self._client.delete(keys.job_tasks(job_id), keys.job_tasks_sent(job_id))
                 continue
-            overdue = [t.decode() for t in self._client.zrangebyscore(keys.job_tasks_sent(job_id), 0, time.time() - older_than_s)]
-            missing = [t.decode() for t in missing_tasks(self._client, queues, overdue)] if overdue else []
-            if missing:
-                suspects.append((job_id, queues, missing))
-        if not suspects:
-            return 0
-        time.sleep(SECOND_LOOK_S)  # a live worker records a task it took within milliseconds
-        resent = 0
-        for job_id, queues, missing in suspects:
-            for raw in missing_tasks(self._client, queues, missing):
-                task_id = raw.decode()
+            suspects = [t.decode() for t in self._client.zrangebyscore(keys.job_tasks_sent(job_id), 0, died_at)]
+            if not suspects:
+                continue
+            looked_at = time.time()
+            lost = set(find_lost(self._client, queues, suspects))
+            seen = {task_id: looked_at for task_id in suspects if task_id not in lost}
+            if seen:
+                self._client.zadd(keys.job_tasks_sent(job_id), seen, xx=True)
+            for task_id in lost:
                 packed = self._client.hget(keys.job_tasks(job_id), task_id)
                 if packed is None:  # it reported in the meantime
                     continue
                 name, kwargs = msgpack.unpackb(packed)
-                log.warning("task %s of job %s vanished (a worker died taking it); sending it again", task_id, job_id)
+                log.warning("task %s of job %s vanished with a dead worker; sending it again", task_id, job_id)
                 self._client.zadd(keys.job_tasks_sent(job_id), {task_id: time.time()})
                 self._celery.send_task(name, kwargs=kwargs, task_id=task_id)
                 resent += 1
@@ -99,8 +100,9 @@ class JobTasks:
             while True:
                 time.sleep(every_s)
                 try:
-                    if self._client.set(keys.JOBS_SWEEP_LOCK, uuid.uuid4().hex, nx=True, px=int((0.9 * every_s + SECOND_LOOK_S) * 1000)):
-                        self.resend_lost(every_s)
+                    hold_ms = int((0.9 * every_s + SECOND_LOOK_S) * 1000)
+                    if self._client.set(keys.JOBS_SWEEP_LOCK, uuid.uuid4().hex, nx=True, px=hold_ms):
+                        self.resend_lost()
                 except Exception:
                     log.exception("sweeping for lost job tasks failed; trying again")
 

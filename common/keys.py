@@ -8,6 +8,10 @@ def workers_alive(model: str, modality: str) -> str:
     return f"embedq:workers:{model}:{modality}"
 
 
+INGEST_WORKERS_ALIVE = "embedq:workers:ingest"  # Sorted set: ingestion worker -> last heartbeat
+# String: unix time a heartbeat last found a worker gone silent (common.heartbeat).
+WORKER_DIED_AT = "embedq:worker-died-at"
+
 RESULT_PREFIX = "celery-task-meta-"
 
 

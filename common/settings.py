@@ -38,8 +38,7 @@ class Settings(BaseSettings):
     # worker that died are run again while their callers still wait.
     visibility_timeout_s: int = 30
     result_expires_s: int = 600
-    # A request unanswered this long is looked for in its queue and among the tasks workers hold;
-    # one lost by the broker at two looks this far apart is sent again (common.delivery).
+    # How often senders look for their tasks lost with a dead worker (common.delivery).
     lost_task_check_s: float = Field(default=5.0, gt=0)
     worker_heartbeat_ttl_s: int = 15
     task_events: bool = True  # Celery task events, for Flower

@@ -1,10 +1,12 @@
 """`missing_tasks` tells a task the broker lost from one queued, held by a worker, or answered;
-`JobTasks` sends a job's lost task again, once, and forgets a task that reported."""
+`JobTasks` sends a job's lost task again, once, after a worker died, and forgets a task that
+reported; a heartbeat that drops a silent worker records the death."""
 
 from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 
 import msgpack
@@ -12,7 +14,7 @@ import pytest
 import redis
 
 from common.celery_app import create_celery_app
-from common import keys
+from common import heartbeat, keys
 from common.delivery import UNACKED_KEY, missing_tasks, queue_lists
 from common.job_tasks import JobTasks
 from common.jobs import JobStore, UploadedFile
@@ -40,7 +42,7 @@ def test_only_tasks_in_no_place_are_missing(redis_url):
                 client.hset(UNACKED_KEY, "probe-tag", json.dumps([json.loads(message), "", queue]))
         client.set(result_channel(answered), b"{}", ex=60)
         ids = [queued, urgent, held, answered, lost]
-        assert [m.decode() for m in missing_tasks(client, [queue], ids)] == [lost]
+        assert missing_tasks(client, [queue], ids) == [lost]
     finally:
         client.delete(*queue_lists(queue), result_channel(answered))
         client.hdel(UNACKED_KEY, "probe-tag")
@@ -65,8 +67,10 @@ def test_a_job_task_the_broker_lost_is_sent_again_once(own_db):
     queued = tasks.send(job_id, INDEX_PAGES_TASK, kwargs)
     assert json.loads(client.rpop(queue))["properties"]["correlation_id"] == lost
 
-    assert tasks.resend_lost(older_than_s=0) == 1
-    assert tasks.resend_lost(older_than_s=0) == 0  # both are queued now
+    assert tasks.resend_lost() == 0  # no worker died: nothing can have been lost
+    client.set(keys.WORKER_DIED_AT, time.time())
+    assert tasks.resend_lost() == 1
+    assert tasks.resend_lost() == 0  # both seen since
     messages = {m["properties"]["correlation_id"]: m for m in map(json.loads, client.lrange(queue, 0, -1))}
     assert sorted(messages) == sorted([lost, queued])
     _, resent_kwargs, _ = msgpack.unpackb(base64.b64decode(messages[lost]["body"]))
@@ -75,7 +79,21 @@ def test_a_job_task_the_broker_lost_is_sent_again_once(own_db):
     tasks.done(job_id, lost)
     tasks.done(job_id, queued)
     client.delete(queue)
-    assert tasks.resend_lost(older_than_s=0) == 0  # nothing left to look after
+    client.set(keys.WORKER_DIED_AT, time.time())
+    assert tasks.resend_lost() == 0  # nothing left to look after
     client.hset(keys.job(job_id), "finished_at", 1)
-    tasks.resend_lost(older_than_s=0)
+    tasks.resend_lost()
     assert not client.sismember(keys.JOBS_OPEN, job_id)
+
+
+def test_a_heartbeat_that_drops_a_silent_worker_records_the_death(own_db):
+    client = redis.Redis.from_url(own_db)
+    members = "embedq:workers:probe:text"
+    heartbeat.beat(client, [members], "a", ttl_s=60)
+    heartbeat.beat(client, [members], "b", ttl_s=60)
+    assert not client.exists(keys.WORKER_DIED_AT)  # everyone is live
+    client.zadd(members, {"a": time.time() - 61})  # a went silent
+    before = time.time()
+    heartbeat.beat(client, [members], "b", ttl_s=60)
+    assert client.zrange(members, 0, -1) == [b"b"]
+    assert float(client.get(keys.WORKER_DIED_AT)) >= before

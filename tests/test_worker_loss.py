@@ -69,8 +69,9 @@ def test_sigkilled_worker_loses_nothing(loss_env, logs, reference_minilm):
 
 @pytest.mark.slow
 def test_a_request_lost_with_a_worker_taking_it_is_sent_again(loss_env, logs, reference_minilm):
-    # The heartbeat outlives the stopped worker, so the API still takes the request.
-    env = {**loss_env, "EMBEDQ_LOST_TASK_CHECK_S": "1", "EMBEDQ_WORKER_HEARTBEAT_TTL_S": "30"}
+    # The stopped worker's last heartbeat holds for 5 s: the API takes the request meanwhile, and
+    # the next worker's heartbeat then finds it dead.
+    env = {**loss_env, "EMBEDQ_LOST_TASK_CHECK_S": "1", "EMBEDQ_WORKER_HEARTBEAT_TTL_S": "5"}
     client = redis.Redis.from_url(env["EMBEDQ_REDIS_URL"])
     lists = queue_lists(embed_queue(MODEL, "text"))
     first = start_worker(env, MODEL, logs / "worker-lost-a.log")

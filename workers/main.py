@@ -10,9 +10,12 @@ import logging
 import os
 import socket
 
+import redis
 from celery import signals
 
+from common import keys
 from common.celery_app import get_celery_app
+from common.heartbeat import start_heartbeat
 from common.queues import INGEST_QUEUE, embed_queue
 from common.registry import get_registry
 from common.settings import get_settings
@@ -60,6 +63,9 @@ def run_ingest_worker() -> None:
     from .ingest import job_tasks  # also registers the ingestion task
 
     settings = get_settings()
+    name = f"ingest@{socket.gethostname()}:{os.getpid()}"
+    client = redis.Redis.from_url(settings.redis_url)
+    start_heartbeat(client, [keys.INGEST_WORKERS_ALIVE], name, settings.worker_heartbeat_ttl_s)
     job_tasks().start_sweeper(settings.lost_task_check_s)
     get_celery_app().worker_main(
         [
@@ -67,7 +73,7 @@ def run_ingest_worker() -> None:
             "--pool=prefork",
             f"--concurrency={settings.ingest_concurrency}",
             f"--queues={INGEST_QUEUE}",
-            f"--hostname=ingest@{socket.gethostname()}:{os.getpid()}",
+            f"--hostname={name}",
             "--without-gossip",
             "--without-mingle",
             "--loglevel=WARNING",

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import redis
 import torch
 
-from common import keys
+from common import heartbeat, keys
 from common.registry import ModelSpec
 from common.settings import Settings
 
@@ -62,32 +62,18 @@ def start_runtime(spec: ModelSpec, device: str, modalities: list[str], settings:
 
 
 def start_heartbeat(runtime: Runtime, settings: Settings) -> threading.Thread:
-    """Every few seconds, mark this worker live for its model and modalities while its batcher runs."""
+    """Every few seconds, mark this worker live for its model and modalities while its batcher
+    runs, with its batcher counters."""
     client = redis.Redis.from_url(settings.redis_url)
-    interval = max(settings.worker_heartbeat_ttl_s / 3, 0.5)
+    stats_key = keys.worker_stats(runtime.name)
 
-    def beat() -> None:
-        while runtime.batcher.alive:
-            try:
-                now = time.time()
-                with client.pipeline() as pipe:
-                    for modality in runtime.modalities:
-                        key = keys.workers_alive(runtime.spec.name, modality)
-                        pipe.zadd(key, {runtime.name: now})
-                        pipe.zremrangebyscore(key, 0, now - settings.worker_heartbeat_ttl_s)
-                    stats_key = keys.worker_stats(runtime.name)
-                    pipe.hset(stats_key, mapping={"model": runtime.spec.name, "device": runtime.device,
-                                                  **asdict(runtime.batcher.stats)})
-                    pipe.expire(stats_key, settings.worker_heartbeat_ttl_s)
-                    pipe.execute()
-            except redis.RedisError:
-                log.warning("heartbeat to Redis failed", exc_info=True)
-            time.sleep(interval)
+    def publish_stats() -> None:
         with client.pipeline() as pipe:
-            for modality in runtime.modalities:
-                pipe.zrem(keys.workers_alive(runtime.spec.name, modality), runtime.name)
+            pipe.hset(stats_key, mapping={"model": runtime.spec.name, "device": runtime.device,
+                                          **asdict(runtime.batcher.stats)})
+            pipe.expire(stats_key, settings.worker_heartbeat_ttl_s)
             pipe.execute()
 
-    thread = threading.Thread(target=beat, name="embedq-heartbeat", daemon=True)
-    thread.start()
-    return thread
+    sets = [keys.workers_alive(runtime.spec.name, modality) for modality in runtime.modalities]
+    return heartbeat.start_heartbeat(client, sets, runtime.name, settings.worker_heartbeat_ttl_s,
+                                     alive=lambda: runtime.batcher.alive, extra=publish_stats)
