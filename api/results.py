@@ -47,6 +47,10 @@ class ResultWaiter:
         self._client = client
         self._sync_client = sync_client  # for common.delivery, in a thread
         self._backend = celery.backend
+        # Results reach this process through its one pattern subscription (`start`). Celery's Redis
+        # backend would also SUBSCRIBE to each sent task's channel, a blocking round trip per
+        # request, on a connection nobody reads, where every result would then pile up unread.
+        self._backend.on_task_call = lambda producer, task_id: None
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
         self._waiting: dict[str, _Waiting] = {}
         self._check_s = lost_task_check_s
