@@ -4,7 +4,9 @@ Texts: English sentences taken from Python's standard-library docstrings (text w
 of mixed length. The ceiling is sentence-transformers' `encode` of the same model on the same
 texts at its best batch size, in this process, before the service starts. The service is then
 driven closed-loop over HTTP by a minimal asyncio client (so the load generator costs little of
-the machine's CPU) at several concurrencies, with 1 and 32 texts per request.
+the machine's CPU) at several concurrencies, with 1 and 32 texts per request. Each row also gives
+the CPU time the API and the worker process spent per request (on a small machine every process
+shares the cores the model needs).
 """
 
 from __future__ import annotations
@@ -132,6 +134,12 @@ async def drive(port: int, model: str, texts: list[str], concurrency: int, per_r
             "requests": len(latencies), "errors": errors}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_service(model: str, threads: int, logs: Path) -> tuple[list, int]:
     from tests.stack import start_api, start_worker, test_env
 
@@ -168,15 +176,20 @@ def main() -> None:
     print(f"ceiling (in-process encode, best batch size {ceiling['batch_size']}): {ceiling['texts_per_s']:.0f} texts/s; "
           f"one bare forward (1 text) p50 {ceiling['single_forward_ms_p50']:.2f} ms")
     children, port = start_service(args.model, args.threads, args.logs)
+    worker, api = children[-2:]
     try:
-        print("| concurrency | texts/request | texts/s | p50 ms | p99 ms | ratio to ceiling | errors |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("| concurrency | texts/request | texts/s | p50 ms | p99 ms | ratio to ceiling | errors "
+              "| API CPU ms/request | worker CPU ms/request |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for per_request in args.per_request:
             for concurrency in args.concurrency:
                 asyncio.run(drive(port, args.model, texts, concurrency, per_request, 2))  # warm-up
+                before = cpu_seconds(api.pid), cpu_seconds(worker.pid)
                 row = asyncio.run(drive(port, args.model, texts, concurrency, per_request, args.seconds))
+                api_ms, worker_ms = (1e3 * (cpu_seconds(p.pid) - b) / row["requests"] for p, b in zip((api, worker), before))
                 print(f"| {concurrency} | {per_request} | {row['texts_per_s']:.0f} | {row['p50_ms']:.1f} | "
-                      f"{row['p99_ms']:.1f} | {row['texts_per_s'] / ceiling['texts_per_s']:.2f} | {row['errors']} |", flush=True)
+                      f"{row['p99_ms']:.1f} | {row['texts_per_s'] / ceiling['texts_per_s']:.2f} | {row['errors']} "
+                      f"| {api_ms:.1f} | {worker_ms:.1f} |", flush=True)
     finally:
         procs.stop(children)
 
