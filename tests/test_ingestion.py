@@ -328,3 +328,10 @@ def test_upload_errors(ingest_api):
     assert httpx.post(f"{base}/v1/collections", json={"name": "1bad name", "model": PAGES_MODEL}).status_code == 400
     assert httpx.post(f"{base}/v1/collections", json={"name": "strict", "model": PAGES_MODEL}).status_code == 400
     assert httpx.post(f"{base}/v1/collections", json={"name": "other", "model": "nope"}).status_code == 404
+
+
+def test_the_ingestion_worker_beats(ingest_api, ingest_env):
+    """Its heartbeat is how a dead ingestion worker is noticed, and its lost file tasks re-sent."""
+    client = redis.Redis.from_url(ingest_env["EMBEDQ_REDIS_URL"])
+    live = client.zrangebyscore(keys.INGEST_WORKERS_ALIVE, time.time() - 3, "+inf")
+    assert [m for m in live if m.startswith(b"ingest@")]
