@@ -55,6 +55,13 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 @app.task(name=INGEST_TASK, bind=True)
 def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, content_type: str | None = None) -> None:
+    try:
+        _ingest(job_id, index, collection, model, content_type)
+    finally:
+        job_tasks().done(job_id, self.request.id)
+
+
+def _ingest(job_id: str, index: int, collection: str, model: str, content_type: str | None) -> None:
     jobs = job_store()
     info = jobs.file_info(job_id, index)
     data = jobs.upload(job_id, index)
@@ -62,7 +69,6 @@ def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, c
         # Gone after its pages or chunks were queued: this is a second delivery of a done file.
         if info.get("status") == "queued":
             jobs.fail_file(job_id, index, "the upload expired before it was processed")
-        job_tasks().done(job_id, self.request.id)
         return
     target = {"job_id": job_id, "index": index, "collection": collection, "model": model,
               "doc_id": info["doc_id"], "filename": info["filename"], "metadata": info["metadata"]}
@@ -84,7 +90,6 @@ def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, c
         jobs.fail_file(job_id, index, f"internal error: {exc}")
     finally:
         jobs.drop_upload(job_id, index)
-        job_tasks().done(job_id, self.request.id)
 
 
 def _send(task: str, target: dict[str, Any], **kwargs: Any) -> None:
