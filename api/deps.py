@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from common.errors import ServiceUnavailable, Unauthorized
+from common.page_changes import PageChanges
 from common.registry import Registry
 from common.settings import Settings
 
@@ -39,8 +40,9 @@ class LazyStore:
     """The Milvus store, connected on first use: the embedding routes never wait on Milvus, and
     the API starts while Milvus is still coming up."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, changes: PageChanges):
         self._uri = uri
+        self._changes = changes  # the API deletes documents and drops collections
         self._store: MilvusStore | None = None
         self._lock = asyncio.Lock()
 
@@ -50,7 +52,7 @@ class LazyStore:
                 from common.milvus_store import MilvusStore  # pymilvus: only when a route needs it
 
                 try:
-                    self._store = await asyncio.to_thread(MilvusStore, self._uri)
+                    self._store = await asyncio.to_thread(MilvusStore, self._uri, changes=self._changes)
                 except Exception as exc:
                     raise ServiceUnavailable(f"The vector store at {self._uri} is not reachable: {exc}") from exc
             return self._store

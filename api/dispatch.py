@@ -1,4 +1,4 @@
-"""Sending embedding work to the model queues and awaiting the answer.
+"""Sending work to the workers' queues (embeddings, page searches) and awaiting the answer.
 
 Before sending, a check that a warm worker serves the model and that its queue is not over its
 limit makes a request fail fast (503 / 429) instead of waiting in vain. That check costs one Redis
@@ -18,7 +18,7 @@ from celery import Celery
 
 from common import keys
 from common.errors import QueueFull, ServiceUnavailable
-from common.queues import EMBED_TASK, embed_queue
+from common.queues import EMBED_TASK, SEARCH_QUEUE, SEARCH_TASK, embed_queue
 from common.settings import Settings
 from common.vectors import unpack
 
@@ -45,38 +45,48 @@ class Dispatcher:
         self._waiter = waiter
         self._capacity: dict[str, tuple[float, int, int]] = {}  # queue -> (read at, live workers, depth)
 
-    async def _read_capacity(self, model: str, modality: str) -> tuple[int, int]:
-        queue = embed_queue(model, modality)
+    async def _read_capacity(self, queue: str, alive_key: str) -> tuple[int, int]:
         now = time.monotonic()
         cached = self._capacity.get(queue)
         if cached and now - cached[0] < CAPACITY_TTL_S:
             return cached[1], cached[2]
         alive_since = time.time() - self._settings.worker_heartbeat_ttl_s
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.zcount(keys.workers_alive(model, modality), alive_since, "+inf")
+            pipe.zcount(alive_key, alive_since, "+inf")
             pipe.llen(queue)
             live_workers, depth = await pipe.execute()
         self._capacity[queue] = (now, live_workers, depth)
         return live_workers, depth
 
-    async def check_capacity(self, model: str, modality: str) -> None:
-        live_workers, depth = await self._read_capacity(model, modality)
+    async def _check(self, queue: str, alive_key: str, served: str) -> None:
+        live_workers, depth = await self._read_capacity(queue, alive_key)
         if not live_workers:
-            raise ServiceUnavailable(f"No worker is serving {model} ({modality}) right now; try again later.")
+            raise ServiceUnavailable(f"No worker is serving {served} right now; try again later.")
         if depth >= self._settings.queue_limit:
-            raise QueueFull(f"The queue for {embed_queue(model, modality)} is full ({depth} waiting); retry later.")
+            raise QueueFull(f"The queue for {queue} is full ({depth} waiting); retry later.")
 
-    async def embed(self, model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> Embedded:
-        await self.check_capacity(model, modality)
+    async def check_capacity(self, model: str, modality: str) -> None:
+        await self._check(embed_queue(model, modality), keys.workers_alive(model, modality), f"{model} ({modality})")
+
+    async def _call(self, task: str, queue: str, kwargs: dict[str, Any]) -> Any:
         task_id = str(uuid.uuid4())
-        kwargs = {"model": model, "modality": modality, "inputs": inputs, **options}
-
         timeout = self._settings.request_timeout_s
         # Expires with the wait: a worker drops a task whose caller has given up.
         expires = datetime.now(timezone.utc) + timedelta(seconds=timeout)
 
         def send() -> None:
-            self._celery.send_task(EMBED_TASK, kwargs=kwargs, task_id=task_id, expires=expires)
+            self._celery.send_task(task, kwargs=kwargs, task_id=task_id, expires=expires)
 
-        result = await self._waiter.call(task_id, embed_queue(model, modality), send, timeout)
-        return Embedded(result)
+        return await self._waiter.call(task_id, queue, send, timeout)
+
+    async def embed(self, model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> Embedded:
+        await self.check_capacity(model, modality)
+        kwargs = {"model": model, "modality": modality, "inputs": inputs, **options}
+        return Embedded(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs))
+
+    async def search_pages(self, collection: str, query: np.ndarray, top_k: int, filter: str | None) -> list[dict[str, Any]]:
+        """The `top_k` pages of a late-interaction collection by exact MaxSim (a search worker's answer)."""
+        await self._check(SEARCH_QUEUE, keys.SEARCH_WORKERS_ALIVE, "page search")
+        kwargs = {"collection": collection, "query": np.ascontiguousarray(query, "<f4").tobytes(),
+                  "dim": int(query.shape[-1]), "top_k": top_k, "filter": filter}
+        return await self._call(SEARCH_TASK, SEARCH_QUEUE, kwargs)

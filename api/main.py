@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from common.celery_app import create_celery_app
 from common.job_tasks import JobTasks
 from common.jobs import JobStore
+from common.page_changes import PageChanges
 from common.registry import load_registry
 from common.settings import Settings, get_settings
 
@@ -44,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.waiter = waiter
         app.state.jobs = JobStore(sync_client, settings.job_ttl_s)
         app.state.job_tasks = JobTasks(sync_client, celery, settings.job_ttl_s)
-        app.state.store = LazyStore(settings.milvus_uri)
+        app.state.store = LazyStore(settings.milvus_uri, PageChanges(sync_client))
         try:
             yield
         finally:

@@ -1,7 +1,7 @@
-"""Submitting embedding tasks straight to the model queues, for Python backends that skip the HTTP API.
+"""Submitting tasks straight to the queues, for Python backends that skip the HTTP API.
 
-It sends the documented task `embedq.embed` through the shared Celery app, whose router puts it on
-`embed.<model>.<modality>`. Answers come back as bytes and are decoded with `common.vectors.unpack`.
+It sends the documented tasks `embedq.embed` and `embedq.search_pages` through the shared Celery
+app, whose router puts them on `embed.<model>.<modality>` and `search.pages`. Answers come back as bytes and are decoded with `common.vectors.unpack`.
 A worker's error comes back as its `common.errors` class: Celery rebuilds a task failure from the
 module and class name it stores when that module is imported in the waiting process, as it is here.
 """
@@ -16,7 +16,7 @@ from celery.result import AsyncResult
 
 from .celery_app import create_celery_app
 from .errors import ServiceUnavailable
-from .queues import EMBED_TASK
+from .queues import EMBED_TASK, SEARCH_TASK
 from .settings import Settings, get_settings
 from .vectors import unpack
 
@@ -50,16 +50,19 @@ class EmbedqClient:
         return self.submit(model, "image", [{"image": image} for image in images], expires=expires, output=output,
                            normalize=normalize, dimensions=dimensions, dtype=dtype)
 
+    def _answer(self, result: AsyncResult, timeout: float | None) -> Any:
+        timeout = self.settings.request_timeout_s if timeout is None else timeout
+        try:
+            return result.get(timeout=timeout)
+        except CeleryTimeout:
+            raise ServiceUnavailable(
+                f"No worker answered task {result.id} within {timeout:g}s; is a worker serving its queue?"
+            ) from None
+
     def wait(self, result: AsyncResult, timeout: float | None = None) -> list[np.ndarray]:
         """The arrays of a submitted task; raises the worker's error, or ServiceUnavailable once
         `timeout` seconds (default: EMBEDQ_REQUEST_TIMEOUT_S) pass without an answer."""
-        timeout = self.settings.request_timeout_s if timeout is None else timeout
-        try:
-            return unpack(result.get(timeout=timeout))
-        except CeleryTimeout:
-            raise ServiceUnavailable(
-                f"No worker answered task {result.id} within {timeout:g}s; is a worker serving this model?"
-            ) from None
+        return unpack(self._answer(result, timeout))
 
     def embed_texts(self, model: str, texts: list[str], *, timeout: float | None = None,
                     **options: Any) -> list[np.ndarray]:
@@ -72,6 +75,17 @@ class EmbedqClient:
         """`submit_images` then `wait`, as `embed_texts`."""
         timeout = self.settings.request_timeout_s if timeout is None else timeout
         return self.wait(self.submit_images(model, images, expires=timeout, **options), timeout)
+
+    def search_pages(self, collection: str, query: np.ndarray, *, top_k: int = 10, filter: str | None = None,
+                     timeout: float | None = None) -> list[dict[str, Any]]:
+        """The `top_k` pages of a late-interaction collection by exact MaxSim with `query` (its
+        `(n_tokens, dim)` token vectors, as `embed_texts(..., output="multivector",
+        input_type="query")` gives them): `[{doc_id, filename, page, score, metadata}]`."""
+        query = np.ascontiguousarray(query, "<f4")
+        kwargs = {"collection": collection, "query": query.tobytes(), "dim": query.shape[-1], "top_k": top_k,
+                  "filter": filter}
+        timeout = self.settings.request_timeout_s if timeout is None else timeout
+        return self._answer(self.celery.send_task(SEARCH_TASK, kwargs=kwargs, expires=timeout), timeout)
 
     def close(self) -> None:
         self.celery.close()

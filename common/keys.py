@@ -9,6 +9,7 @@ def workers_alive(model: str, modality: str) -> str:
 
 
 INGEST_WORKERS_ALIVE = "embedq:workers:ingest"  # Sorted set: ingestion worker -> last heartbeat
+SEARCH_WORKERS_ALIVE = "embedq:workers:search"  # Sorted set: search worker -> last heartbeat
 # String: unix time a heartbeat last found a worker gone silent (common.heartbeat).
 WORKER_DIED_AT = "embedq:worker-died-at"
 
@@ -63,3 +64,8 @@ def job_tasks(job_id: str) -> str:
 def job_tasks_sent(job_id: str) -> str:
     """Sorted set: task id -> unix time it was (last) sent, for the same tasks."""
     return f"embedq:job:{job_id}:tasks-sent"
+
+
+def page_changes(collection: str) -> str:
+    """Stream: a collection's page writes, document deletes and drops, in order (common.page_changes)."""
+    return f"embedq:collection:{collection}:changes"

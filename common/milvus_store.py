@@ -4,20 +4,17 @@ Each collection is bound to one served model (its name, kind and dimension are c
 properties) and is of one of two kinds:
 
 * ``text``: one row per chunk with its vector, searched by COSINE on an HNSW index.
-* ``multivector`` (late interaction): one row per page, holding
-  - the page's token vectors as float16 bytes, base64 in an ARRAY of VARCHAR parts, each part under
-    Milvus' 65,535-byte VARCHAR limit; the exact MaxSim rerank reads them, and
-  - a fixed dimensional encoding (FDE, after MUVERA: Dhulipala et al., 2024) of the token set in
-    ``vector``: one 16,384-d vector per page whose inner product with the query's FDE approximates
-    the MaxSim score.
-  A search takes the top candidates by FDE inner product (one Milvus search, which returns the
-  candidates' token bytes with them) and reranks them by exact MaxSim in NumPy.
+* ``multivector`` (late interaction): one row per page, holding the page's token vectors as
+  float16 bytes, base64 in an ARRAY of VARCHAR parts (each part under Milvus' 65,535-byte VARCHAR
+  limit), and its mean token vector in ``vector`` (Milvus wants a vector field in every
+  collection; embedq does not search it). Search workers keep every page in memory and score
+  them all (workers.page_index); Milvus is where pages are kept, filtered and read back whole.
+  Every page write, document delete and drop is also told to the collection's change feed
+  (common.page_changes), so those copies follow.
 
-Why one row per page: milvus-lite's search cost grows with the rows stored, whatever the index
-(per-row bookkeeping in Python): with one row per token vector, a 20-token query took 0.5 s at
-200k rows (270 pages of 736 tokens). With page rows, a search at 10k pages costs about 45 ms
-for the candidates plus about 2 ms per candidate reranked (moving 250 KB through the server):
-p50 87 ms with the default 16 candidates on 2 cores. Figures: ``scripts/bench_store.py``.
+Why not one row per token vector (the Milvus bootcamp recipe): milvus-lite's search cost grows with
+the rows stored, whatever the index (per-row bookkeeping in Python): a 20-token query took 0.5 s
+at 200k rows, and 10k pages of 736 tokens make 7.4 M. Figures: ``scripts/bench_store.py``.
 
 Writes are idempotent: primary keys are ``{doc_id}#{page}`` / ``{doc_id}#{chunk}``, written with
 upsert, so a redelivered batch replaces its rows. Writes do not flush: Milvus seals a segment per
@@ -29,31 +26,38 @@ page rows (milvus-lite flushes by itself every 128 MB, about 400 pages), not for
 from __future__ import annotations
 
 import binascii
-import hashlib
 import json
+import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 from pymilvus import CollectionSchema, DataType, MilvusClient, MilvusException
 from pymilvus.milvus_client import IndexParams
 
 from common.errors import InvalidRequest, NotFound
+from common.page_changes import PageChanges
 
 Kind = Literal["multivector", "text"]
+
+# milvus-lite gives query iterators no MVCC timestamp, so pymilvus warns on each one that it uses
+# the client's clock instead: the same "everything written so far" that Strong consistency reads.
+logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 
 VARCHAR_MAX = 65_535  # Milvus' limit for one VARCHAR value, in bytes
 PART_BYTES = VARCHAR_MAX // 4 * 3  # raw bytes whose base64 fits one VARCHAR
 MAX_PARTS = 64  # 3.1 MB of float16 per page: 12,288 tokens of dim 128
 ID_MAX = 512
 FILENAME_MAX = 1024
-FDE_DIM = 16_384
-FDE_BITS = 4
 PARTITIONS = 16  # partitions keyed by doc_id, see create_collection
-CANDIDATES = 16  # pages reranked by exact MaxSim per multi-vector search (at least top_k); ~2 ms each
 WRITE_BATCH = 32  # rows per upsert call: 32 pages are about 10 MB on the wire
 TIMEOUT_S = 60.0
 NOT_LOADED = 101  # Milvus' error code for a collection that is not loaded
+
+
+def page_key(doc_id: str, page: int) -> str:
+    """A page's primary key (a chunk's is alike)."""
+    return f"{doc_id}#{page}"
 
 
 @dataclass
@@ -63,6 +67,10 @@ class PageRecord:
     filename: str
     metadata: dict
     vectors: np.ndarray  # (n_tokens, dim), float16 or float32
+
+    @property
+    def key(self) -> str:
+        return page_key(self.doc_id, self.page)
 
 
 @dataclass
@@ -77,13 +85,14 @@ class ChunkRecord:
 
 @dataclass
 class Hit:
+    """A text chunk found by search (page hits come from the search workers)."""
+
     doc_id: str
     filename: str
     score: float
     metadata: dict
-    page: int | None = None
-    chunk: int | None = None
-    text: str | None = None
+    chunk: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -94,86 +103,24 @@ class CollectionInfo:
     dim: int
 
 
-class Fde:
-    """Fixed dimensional encoding of a set of token vectors.
-
-    `reps` SimHash partitions of the token space into 2**bits buckets each. A page puts, per bucket,
-    the mean of its tokens that hash there (an empty bucket takes the token nearest to it in Hamming
-    distance); a query puts the sum of its tokens. So <query FDE, page FDE> adds up, over the
-    repetitions, each query token's dot product with the mean of the page tokens hashed with it.
-    """
-
-    def __init__(self, dim: int, reps: int, bits: int, seed: int = 0):
-        # ±1 hyperplanes drawn from SHAKE-256, so the encoding never changes with a NumPy release.
-        count = dim * reps * bits
-        stream = hashlib.shake_256(f"embedq-fde-{seed}".encode()).digest(count // 8 + 1)
-        signs = np.unpackbits(np.frombuffer(stream, np.uint8))[:count]
-        self.planes = (signs.astype(np.float32) * 2 - 1).reshape(dim, reps * bits)
-        self.reps, self.bits = reps, bits
-        self.spec = json.dumps({"reps": reps, "bits": bits, "seed": seed})
-
-    @classmethod
-    def for_dim(cls, dim: int) -> Fde:
-        return cls(dim, max(1, FDE_DIM // (2**FDE_BITS * dim)), FDE_BITS)
-
-    @classmethod
-    def from_spec(cls, dim: int, spec: str) -> Fde:
-        return cls(dim, **json.loads(spec))
-
-    @property
-    def size(self) -> int:
-        return self.reps * 2**self.bits * self.planes.shape[0]
-
-    def _buckets(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each token's bucket per repetition (n, reps), and the (reps, buckets, n) membership matrix."""
-        n = len(tokens)
-        bits = (tokens @ self.planes > 0).reshape(n, self.reps, self.bits)
-        codes = bits @ (1 << np.arange(self.bits))
-        members = np.zeros((self.reps, 2**self.bits, n), np.float32)
-        members[np.arange(self.reps), codes, np.arange(n)[:, None]] = 1.0
-        return codes, members
-
-    def page(self, tokens: np.ndarray) -> np.ndarray:
-        codes, members = self._buckets(tokens)
-        sums = members @ tokens
-        counts = members.sum(axis=-1)
-        empty = counts == 0
-        if empty.any():
-            differing = (codes[:, :, None] ^ np.arange(2**self.bits)).astype(np.uint8)
-            nearest = np.unpackbits(differing[..., None], axis=-1).sum(-1).argmin(axis=0)
-            sums[empty] = tokens[nearest[empty]]
-            counts[empty] = 1.0
-        return (sums / counts[..., None]).ravel()
-
-    def query(self, tokens: np.ndarray) -> np.ndarray:
-        return (self._buckets(tokens)[1] @ tokens).ravel()
+PAGE_FIELDS = ["doc_id", "page", "filename", "metadata", "n_tokens", "tokens"]
 
 
-def maxsim(query: np.ndarray, tokens: np.ndarray, counts: list[int]) -> np.ndarray:
-    """colpali-engine's score, in float32: per page (`counts` consecutive rows of `tokens`), the sum
-    over query tokens of their best dot product with the page's tokens."""
-    starts = np.cumsum([0, *counts[:-1]])
-    return np.maximum.reduceat(query.astype(np.float32) @ tokens.astype(np.float32).T, starts, axis=1).sum(axis=0)
-
-
-def _decode_tokens(entities: list[dict], dim: int) -> np.ndarray:
-    """The pages' base64 parts, decoded into one (total tokens, dim) float16 array."""
-    tokens = np.empty((sum(e["n_tokens"] for e in entities), dim), "<f2")
-    buffer, offset = memoryview(tokens).cast("B"), 0
-    for entity in entities:
-        for part in entity["tokens"]:
-            raw = binascii.a2b_base64(part)
-            buffer[offset : offset + len(raw)] = raw
-            offset += len(raw)
-    return tokens
+def _pages(entities: list[dict]) -> list[PageRecord]:
+    """Page rows, read with PAGE_FIELDS, as records with their float16 token vectors."""
+    return [
+        PageRecord(e["doc_id"], e["page"], e["filename"], e["metadata"],
+                   np.frombuffer(b"".join(map(binascii.a2b_base64, e["tokens"])), "<f2").reshape(e["n_tokens"], -1))
+        for e in entities
+    ]
 
 
 def _info(name: str, properties: dict[str, str]) -> CollectionInfo:
     return CollectionInfo(name, properties["embedq.kind"], properties["embedq.model"], int(properties["embedq.dim"]))
 
 
-def _layout(kind: Kind, dim: int) -> tuple[CollectionSchema, IndexParams, dict[str, str]]:
-    """Schema, indexes and extra properties of a collection of `kind`."""
+def _layout(kind: Kind, dim: int) -> tuple[CollectionSchema, IndexParams]:
+    """Schema and indexes of a collection of `kind`."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=ID_MAX + 24)
     # doc_id as partition key: milvus-lite compacts each partition apart and fails to merge
@@ -188,21 +135,17 @@ def _layout(kind: Kind, dim: int) -> tuple[CollectionSchema, IndexParams, dict[s
         schema.add_field("text", DataType.VARCHAR, max_length=VARCHAR_MAX)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         index.add_index("vector", index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200})
-        return schema, index, {}
+        return schema, index
     if kind == "multivector":
-        fde = Fde.for_dim(dim)
         schema.add_field("page", DataType.INT64)
         schema.add_field("n_tokens", DataType.INT64)
         schema.add_field("tokens", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_PARTS,
                          max_length=VARCHAR_MAX)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=fde.size)
-        # An exact scan: FDEs of unrelated pages look like random vectors, on which HNSW found 39-72%
-        # of the exact top 32 (ef 128-512, 10k pages). IVF_FLAT with one list, not FLAT: milvus-lite
-        # runs FLAT by copying every stored vector on each search. nlist twice: milvus-lite reads
-        # only the nested "params" (pymilvus 3 sends them flat), Milvus reads both.
-        index.add_index("vector", index_type="IVF_FLAT", metric_type="IP",
-                        params={"nlist": 1, "params": {"nlist": 1}})
-        return schema, index, {"embedq.fde": fde.spec}
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        # The cheapest index to keep (a collection must have one to load); nlist twice: milvus-lite
+        # reads only the nested "params" (pymilvus 3 sends them flat), Milvus reads both.
+        index.add_index("vector", index_type="IVF_FLAT", metric_type="IP", params={"nlist": 1, "params": {"nlist": 1}})
+        return schema, index
     raise InvalidRequest(f"unknown collection kind {kind!r}", param="kind")
 
 
@@ -214,7 +157,8 @@ def _check_size(value: str, limit: int, name: str) -> None:
 class MilvusStore:
     """embedq's collections in the Milvus at `uri` (synchronous pymilvus client)."""
 
-    def __init__(self, uri: str, token: str = ""):
+    def __init__(self, uri: str, token: str = "", changes: PageChanges | None = None):
+        self.changes = changes  # told of every page write, delete and drop; None: nobody searches pages
         # Keepalive pings no more often than gRPC servers accept by default (every 5 min while
         # idle); pymilvus' 10 s makes the Milvus Lite server drop the connection (GOAWAY).
         self.client = MilvusClient(uri=uri, token=token, timeout=TIMEOUT_S,
@@ -229,8 +173,8 @@ class MilvusStore:
         """Create `name` bound to `model`; a no-op when it exists with the same binding."""
         wanted = CollectionInfo(name, kind, model, dim)
         if not self.client.has_collection(name):
-            schema, index, properties = _layout(kind, dim)
-            properties |= {"embedq.kind": kind, "embedq.model": model, "embedq.dim": str(dim)}
+            schema, index = _layout(kind, dim)
+            properties = {"embedq.kind": kind, "embedq.model": model, "embedq.dim": str(dim)}
             try:
                 self.client.create_collection(name, schema=schema, index_params=index, num_partitions=PARTITIONS,
                                               consistency_level="Strong", properties=properties)
@@ -271,6 +215,8 @@ class MilvusStore:
     def drop_collection(self, name: str) -> None:
         if self.client.has_collection(name):
             self.client.drop_collection(name)
+            if self.changes:
+                self.changes.dropped(name)
 
     def flush(self, name: str) -> None:
         self.client.flush(name)
@@ -281,6 +227,8 @@ class MilvusStore:
     def delete_document(self, name: str, doc_id: str) -> None:
         """Delete every page or chunk of `doc_id` (nothing when there is none)."""
         self._loaded(name, self.client.delete, filter=f"doc_id == {json.dumps(doc_id, ensure_ascii=False)}")
+        if self.changes:
+            self.changes.deleted(name, doc_id)
 
     def _loaded(self, name: str, call, **kwargs):
         """`call(name, **kwargs)`, loading the collection first if the server has it released (as
@@ -295,12 +243,11 @@ class MilvusStore:
 
     # Writes
 
-    def _expect(self, name: str, kind: Kind) -> tuple[CollectionInfo, dict[str, str]]:
-        properties = self._properties(name)
-        info = _info(name, properties)
+    def _expect(self, name: str, kind: Kind) -> CollectionInfo:
+        info = self.describe(name)
         if info.kind != kind:
             raise InvalidRequest(f"collection {name!r} holds {info.kind} vectors, not {kind}", param="collection")
-        return info, properties
+        return info
 
     def _upsert(self, name: str, rows: list[dict]) -> None:
         for start in range(0, len(rows), WRITE_BATCH):
@@ -317,11 +264,10 @@ class MilvusStore:
     def _common_fields(self, doc_id: str, index: int, filename: str, metadata: dict) -> dict:
         _check_size(doc_id, ID_MAX, "doc_id")
         _check_size(filename, FILENAME_MAX, "filename")
-        return {"pk": f"{doc_id}#{index}", "doc_id": doc_id, "filename": filename, "metadata": metadata}
+        return {"pk": page_key(doc_id, index), "doc_id": doc_id, "filename": filename, "metadata": metadata}
 
     def upsert_pages(self, name: str, pages: list[PageRecord]) -> None:
-        info, properties = self._expect(name, "multivector")
-        fde = Fde.from_spec(info.dim, properties["embedq.fde"])
+        info = self._expect(name, "multivector")
         rows = []
         for page in pages:
             tokens = self._vectors(page.vectors, info.dim, True, "vectors").astype("<f2")
@@ -333,13 +279,14 @@ class MilvusStore:
                                      param="vectors")
             rows.append(self._common_fields(page.doc_id, page.page, page.filename, page.metadata) | {
                 "page": page.page, "n_tokens": len(tokens), "tokens": parts,
-                # The FDE of the float16 tokens, so candidates are ranked on what is stored.
-                "vector": fde.page(tokens.astype(np.float32)),
+                "vector": tokens.astype(np.float32).mean(axis=0),
             })
         self._upsert(name, rows)
+        if self.changes:
+            self.changes.upserted(name, [row["pk"] for row in rows])
 
     def upsert_chunks(self, name: str, chunks: list[ChunkRecord]) -> None:
-        info, _ = self._expect(name, "text")
+        info = self._expect(name, "text")
         rows = []
         for chunk in chunks:
             _check_size(chunk.text, VARCHAR_MAX, "text")
@@ -348,29 +295,39 @@ class MilvusStore:
                         | {"chunk": chunk.chunk, "text": chunk.text, "vector": vector})
         self._upsert(name, rows)
 
-    # Searches
+    # Reads of pages (for the search workers' copies) and searches of chunks
 
-    def search_multivector(self, name: str, query: np.ndarray, top_k: int = 10, filter: str | None = None,
-                           candidates: int = CANDIDATES) -> list[Hit]:
-        """The `top_k` pages by exact MaxSim among the `candidates` best by FDE inner product."""
-        info, properties = self._expect(name, "multivector")
-        query = self._vectors(query, info.dim, True, "query").astype(np.float32)
-        fde = Fde.from_spec(info.dim, properties["embedq.fde"])
-        found = self._loaded(
-            name, self.client.search, data=[fde.query(query)], anns_field="vector", limit=max(top_k, candidates),
-            filter=filter or "", output_fields=["doc_id", "page", "filename", "metadata", "n_tokens", "tokens"],
-            search_params={"metric_type": "IP", "params": {"nprobe": 1}},
-        )[0]
-        if not found:
-            return []
-        entities = [hit["entity"] for hit in found]
-        scores = maxsim(query, _decode_tokens(entities, info.dim), [e["n_tokens"] for e in entities])
-        best = np.argsort(-scores, kind="stable")[:top_k]
-        return [Hit(doc_id=entities[i]["doc_id"], filename=entities[i]["filename"], score=float(scores[i]),
-                    metadata=entities[i]["metadata"], page=entities[i]["page"]) for i in best]
+    def fetch_pages(self, name: str, keys: list[str]) -> list[PageRecord]:
+        """The pages of multi-vector collection `name` stored under `keys` (primary keys), in one
+        call; keys with no page are left out."""
+        return _pages(self._loaded(name, self.client.get, ids=keys, output_fields=PAGE_FIELDS) if keys else [])
+
+    def iter_pages(self, name: str, batch: int = 64) -> Iterator[list[PageRecord]]:
+        """Every page of `name`, `batch` at a time."""
+        self._expect(name, "multivector")
+        iterator = self._loaded(name, self.client.query_iterator, batch_size=batch, filter="", output_fields=PAGE_FIELDS)
+        try:
+            while found := iterator.next():
+                yield _pages(found)
+        finally:
+            iterator.close()
+
+    def matching_keys(self, name: str, filter: str) -> set[str]:
+        """The primary keys of the rows that pass `filter` (a Milvus boolean expression)."""
+        try:
+            iterator = self._loaded(name, self.client.query_iterator, batch_size=4096, filter=filter, output_fields=["pk"])
+        except MilvusException as exc:
+            raise InvalidRequest(f"bad filter: {exc.message}", param="filter") from None
+        keys: set[str] = set()
+        try:
+            while found := iterator.next():
+                keys.update(row["pk"] for row in found)
+        finally:
+            iterator.close()
+        return keys
 
     def search_text(self, name: str, vector: np.ndarray, top_k: int = 10, filter: str | None = None) -> list[Hit]:
-        info, _ = self._expect(name, "text")
+        info = self._expect(name, "text")
         vector = self._vectors(vector, info.dim, False, "vector").astype(np.float32)
         found = self._loaded(
             name, self.client.search, data=[vector], anns_field="vector", limit=top_k, filter=filter or "",

@@ -9,6 +9,8 @@ INDEX_PAGES_TASK = "embedq.index_pages"
 INDEX_CHUNKS_TASK = "embedq.index_chunks"
 INGEST_TASK = "embedq.ingest_file"
 INGEST_QUEUE = "ingest.cpu"
+SEARCH_TASK = "embedq.search_pages"
+SEARCH_QUEUE = "search.pages"
 
 
 def embed_queue(model: str, modality: str) -> str:
@@ -27,4 +29,6 @@ def route_task(name: str, args: tuple, kwargs: dict[str, Any], options: dict, ta
         return {"queue": embed_queue(kwargs["model"], "text")}
     if name == INGEST_TASK:
         return {"queue": INGEST_QUEUE}
+    if name == SEARCH_TASK:
+        return {"queue": SEARCH_QUEUE}
     return None

@@ -2,7 +2,7 @@
 
 Redis (EMBEDQ_REDIS_URL, or a private embedded redis-server with its files under ./var/), Milvus
 (EMBEDQ_MILVUS_URI, or a Milvus Lite server with its data under ./var/), the API, one worker per
-model in models.yaml, the CPU ingestion worker, and Flower when asked. It waits until the API says ready, prints the URLs, and
+model in models.yaml, the CPU ingestion worker, the search worker, and Flower when asked. It waits until the API says ready, prints the URLs, and
 on Ctrl-C / SIGTERM (or when any child dies) stops every child it started.
 """
 
@@ -64,6 +64,7 @@ def run_stack(flower: bool = False) -> int:
         for spec in load_registry(settings.models_file):
             children.append(_spawn(["worker", "--model", spec.name], env))
         children.append(_spawn(["ingest-worker"], env))
+        children.append(_spawn(["search-worker"], env))
         if flower:
             children.append(_spawn(["flower"], env))
         base = f"http://{settings.host}:{settings.port}"

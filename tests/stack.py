@@ -21,22 +21,35 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "common.cli", *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def start_worker(env: dict[str, str], model: str, log: Path, *extra: str, timeout: float = 120) -> subprocess.Popen:
-    """A worker process; returns once its heartbeat says it is warm and consuming."""
-    before = time.time()
-    proc = spawn(["worker", "--model", model, *extra], env, log)
+def _wait_alive(proc: subprocess.Popen, env: dict[str, str], key: str, since: float, log: Path, timeout: float) -> None:
+    """Return once `proc` has a heartbeat in `key` (it is warm and consuming), or stop it and raise."""
     client = redis.Redis.from_url(env["EMBEDQ_REDIS_URL"])
     deadline = time.monotonic() + timeout
-    key = keys.workers_alive(model, "image" if "image" in extra else "text")
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
-        members = client.zrangebyscore(key, before, "+inf")
+        members = client.zrangebyscore(key, since, "+inf")
         if any(m.decode().endswith(f":{proc.pid}") for m in members):
-            return proc
+            return
         time.sleep(0.1)
     procs.stop([proc])
-    raise TimeoutError(f"worker for {model} not ready in {timeout}s; see {log}")
+    raise TimeoutError(f"worker not ready in {timeout}s; see {log}")
+
+
+def start_worker(env: dict[str, str], model: str, log: Path, *extra: str, timeout: float = 120) -> subprocess.Popen:
+    """A model worker process, returned once its heartbeat says it is warm and consuming."""
+    before = time.time()
+    proc = spawn(["worker", "--model", model, *extra], env, log)
+    _wait_alive(proc, env, keys.workers_alive(model, "image" if "image" in extra else "text"), before, log, timeout)
+    return proc
+
+
+def start_search_worker(env: dict[str, str], log: Path, timeout: float = 120) -> subprocess.Popen:
+    """A search worker process, returned once it has loaded the collections and is consuming."""
+    before = time.time()
+    proc = spawn(["search-worker"], env, log)
+    _wait_alive(proc, env, keys.SEARCH_WORKERS_ALIVE, before, log, timeout)
+    return proc
 
 
 def start_api(env: dict[str, str], log: Path, timeout: float = 30) -> tuple[subprocess.Popen, str]:

@@ -25,7 +25,7 @@ from .conftest import ROOT
 COMPOSE = ROOT / "compose"
 BASE = COMPOSE / "docker-compose.yml"
 GPU = COMPOSE / "docker-compose.gpu.yml"
-EMBEDQ_COMMANDS = {"api", "worker", "ingest-worker", "flower"}
+EMBEDQ_COMMANDS = {"api", "worker", "ingest-worker", "search-worker", "flower"}
 
 
 def load(path: Path) -> dict:
@@ -115,9 +115,9 @@ def test_every_service_has_an_image_or_a_build(project):
 def test_api_and_workers_reach_redis_and_milvus(project):
     services = project["services"]
     roles = {name: embedq_role(service) for name, service in services.items()}
-    assert {"api", "worker", "ingest-worker"} <= set(roles.values())
+    assert {"api", "worker", "ingest-worker", "search-worker"} <= set(roles.values())
     for name, role in roles.items():
-        if role not in ("api", "worker", "ingest-worker"):
+        if role not in ("api", "worker", "ingest-worker", "search-worker"):
             continue
         env = environment(services[name])
         redis_url = urlsplit(env["EMBEDQ_REDIS_URL"])

@@ -18,13 +18,15 @@ from PIL import Image, ImageDraw
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from colpali_engine.models import ColQwen2Processor
 from common import keys, procs
+from common.client import EmbedqClient
+from common.errors import NotFound
 from common.documents import render_pdf_pages
 from common.images import encode_png
 from common.queues import embed_queue
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM
-from .stack import spawn, start_api, start_worker
+from .stack import spawn, start_api, start_search_worker, start_worker
 
 PAGES_MODEL = "colqwen2"
 IDLE_MODEL = "colqwen2-idle"  # configured, but its worker starts only inside a test
@@ -76,6 +78,7 @@ def ingest_api(ingest_env, logs):
         start_worker(ingest_env, PAGES_MODEL, logs / "worker-pages.log"),
         start_worker(ingest_env, MINILM, logs / "worker-ingest-minilm.log"),
         spawn(["ingest-worker"], ingest_env, logs / "ingest-worker.log"),
+        start_search_worker(ingest_env, logs / "search-worker.log"),
     ]
     api, base = start_api(ingest_env, logs / "api-ingest.log")
     yield base
@@ -173,6 +176,32 @@ def test_pdf_upload_progress_over_sse_then_search(ingest_api):
     assert httpx.delete(f"{base}/v1/collections/reports/documents/{done['files'][0]['doc_id']}").status_code == 200
     after = httpx.post(f"{base}/v1/collections/reports/search", json={"query": "page 3 revenue"}, timeout=30).json()
     assert after["data"] == []
+
+
+def test_direct_celery_search_answers_as_the_api(ingest_api, ingest_env):
+    """A backend that skips the API: the query's token vectors from `embedq.embed`, then
+    `embedq.search_pages` on the search queue, both through `EmbedqClient`."""
+    base = ingest_api
+    create_collection(base, "direct", PAGES_MODEL)
+    job = wait_job(base, upload(base, "direct", [("d.pdf", make_pdf(4, seed=7), "application/pdf")],
+                                metadata=[{"doc_id": "deck"}])["id"])
+    assert job["status"] == "completed"
+    through_api = httpx.post(f"{base}/v1/collections/direct/search", json={"query": "quarterly figures", "top_k": 3},
+                             timeout=30).json()["data"]
+    client = EmbedqClient(ingest_env["EMBEDQ_REDIS_URL"])
+    try:
+        [query] = client.embed_texts(PAGES_MODEL, ["quarterly figures"], output="multivector", input_type="query",
+                                     timeout=30)
+        direct = client.search_pages("direct", query, top_k=3, timeout=30)
+        assert [(h["doc_id"], h["page"]) for h in direct] == [(h["doc_id"], h["page"]) for h in through_api]
+        assert [h["score"] for h in direct] == pytest.approx([h["score"] for h in through_api], rel=1e-5)
+        assert direct[0]["doc_id"] == "deck" and direct[0]["filename"] == "d.pdf"
+        filtered = client.search_pages("direct", query, top_k=10, filter="page >= 3", timeout=30)
+        assert sorted(h["page"] for h in filtered) == [3, 4]
+        with pytest.raises(NotFound):
+            client.search_pages("no-such-collection", query, timeout=30)
+    finally:
+        client.close()
 
 
 def test_sse_reconnect_with_last_event_id_misses_nothing(ingest_api):

@@ -16,7 +16,7 @@ from celery import signals
 from common import keys
 from common.celery_app import get_celery_app
 from common.heartbeat import start_heartbeat
-from common.queues import INGEST_QUEUE, embed_queue
+from common.queues import INGEST_QUEUE, SEARCH_QUEUE, embed_queue
 from common.registry import get_registry
 from common.settings import get_settings
 
@@ -73,6 +73,32 @@ def run_ingest_worker() -> None:
             "--pool=prefork",
             f"--concurrency={settings.ingest_concurrency}",
             f"--queues={INGEST_QUEUE}",
+            f"--hostname={name}",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=WARNING",
+        ]
+    )
+
+
+def run_search_worker() -> None:
+    """The worker that searches late-interaction collections from its in-memory copy of them. It
+    loads them all before it says it is live; searches run one at a time, each on every core."""
+    import torch
+
+    from .search import searcher
+
+    settings = get_settings()
+    torch.set_num_threads(settings.cpu_threads)
+    name = f"search@{socket.gethostname()}:{os.getpid()}"
+    searcher().preload()
+    client = redis.Redis.from_url(settings.redis_url)
+    start_heartbeat(client, [keys.SEARCH_WORKERS_ALIVE], name, settings.worker_heartbeat_ttl_s)
+    get_celery_app().worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            f"--queues={SEARCH_QUEUE}",
             f"--hostname={name}",
             "--without-gossip",
             "--without-mingle",

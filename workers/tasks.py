@@ -14,10 +14,12 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import redis
 
 from common.celery_app import get_celery_app
 from common.errors import BackendError, EmbedqError, InvalidRequest, ServiceUnavailable
 from common.milvus_store import ChunkRecord, MilvusStore, PageRecord
+from common.page_changes import PageChanges
 from common.queues import EMBED_TASK, INDEX_CHUNKS_TASK, INDEX_PAGES_TASK
 from common.settings import get_settings
 from common.vectors import finalize, pack
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 
 @lru_cache
 def vector_store() -> MilvusStore:
-    return MilvusStore(get_settings().milvus_uri)
+    settings = get_settings()
+    return MilvusStore(settings.milvus_uri, changes=PageChanges(redis.Redis.from_url(settings.redis_url)))
 
 
 def run_model(model: str, modality: str, items: list[EmbedInput]) -> tuple[list[np.ndarray], list[Prepared]]:

@@ -135,10 +135,10 @@ async def search(name: str, body: SearchRequest, dispatcher: DispatcherDep, stor
     model = collection["model"]
     if collection["kind"] == "multivector":
         result = await dispatcher.embed(model, "text", [{"text": body.query}], output="multivector", input_type="query")
-        hits = await store.call("search_multivector", name, result.arrays[0], body.top_k, body.filter)
+        hits = await dispatcher.search_pages(name, result.arrays[0], body.top_k, body.filter)
     else:
         result = await dispatcher.embed(model, "text", [{"text": body.query}], output="pooled", input_type="query", normalize=True)
-        hits = await store.call("search_text", name, result.arrays[0], body.top_k, body.filter)
+        hits = [asdict(hit) for hit in await store.call("search_text", name, result.arrays[0], body.top_k, body.filter)]
     tokens = sum(result.tokens)
-    return json_response({"object": "list", "data": [asdict(hit) for hit in hits], "model": model,
+    return json_response({"object": "list", "data": hits, "model": model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

@@ -1,0 +1,186 @@
+"""Page search as the search worker runs it: every page scored in memory, the best exactly, against a
+real Milvus Lite server and a real Redis change feed; writes from another store show up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
+from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
+from common import procs
+from common.errors import InvalidRequest, NotFound
+from common.milvus_server import MilvusLiteServer
+from common.milvus_store import MilvusStore, PageRecord
+from common.page_changes import PageChanges
+from workers.page_index import PageIndex, Searcher
+
+DIM = 128
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def reference_scores(query: np.ndarray, pages: list[PageRecord]) -> np.ndarray:
+    """colpali-engine's MaxSim (batch_size 1: it pads a batch's pages with zero rows)."""
+    return BaseVisualRetrieverProcessor.score_multi_vector(
+        [torch.from_numpy(query.astype(np.float32))],
+        [torch.from_numpy(p.vectors.astype(np.float32)) for p in pages], batch_size=1, device="cpu",
+    )[0].numpy()
+
+
+def make_pages(rng: np.random.Generator, docs: int, pages_per_doc: int = 3, first: int = 0) -> list[PageRecord]:
+    """Random unit token vectors, 40 to 80 tokens a page (so several token counts), stored as float16."""
+    return [
+        PageRecord(f"doc-{d}", p, f"file-{d}.pdf", {"lang": ["en", "de"][d % 2], "year": 2000 + d},
+                   unit(rng.standard_normal((int(rng.integers(40, 81)), DIM))).astype(np.float16))
+        for d in range(first, first + docs) for p in range(pages_per_doc)
+    ]
+
+
+def query_from(page: PageRecord, rng: np.random.Generator, tokens: int = 20) -> np.ndarray:
+    """Noisy copies (cosine about 0.9) of some of the page's tokens."""
+    picked = page.vectors[rng.choice(len(page.vectors), tokens, replace=False)].astype(np.float32)
+    return unit(picked + 0.5 * unit(rng.standard_normal(picked.shape)))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with MilvusLiteServer(tmp_path_factory.mktemp("milvus") / "data", procs.free_port()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def changes(redis_server):
+    client = redis.Redis.from_url(f"{redis_server}/10")
+    client.flushdb()
+    return PageChanges(client)
+
+
+@pytest.fixture
+def writer(server, changes):
+    """The store as workers and the API use it: every change goes to the feed."""
+    store = MilvusStore(server.uri, changes=changes)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def searcher(server, changes):
+    store = MilvusStore(server.uri)
+    yield Searcher(store, changes)
+    store.close()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def pages(writer, rng):
+    """A collection of 20 documents × 3 pages."""
+    writer.create_collection("pages", "multivector", DIM, "colqwen-test")
+    records = make_pages(rng, 20)
+    writer.upsert_pages("pages", records)
+    yield records
+    writer.drop_collection("pages")
+
+
+def ranked(hits: list[dict]) -> list[tuple[str, int]]:
+    return [(h["doc_id"], h["page"]) for h in hits]
+
+
+def exhaustive(query: np.ndarray, pages: list[PageRecord], k: int) -> list[tuple[str, int]]:
+    scores = reference_scores(query, pages)
+    return [(pages[i].doc_id, pages[i].page) for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def test_int8_scan_ranks_as_exact_maxsim(rng):
+    """The in-memory scores alone (before the exact rerank) keep exhaustive MaxSim's top 10 within
+    the pages they hand to the rerank, on random pages and random queries: the hard case."""
+    records = make_pages(rng, 100)
+    index = PageIndex(DIM)
+    for page in records:
+        index.put(page)
+    for _ in range(10):
+        query = unit(rng.standard_normal((20, DIM)))
+        top = {f"{d}#{p}" for d, p in exhaustive(query, records, 10)}
+        assert top <= set(index.best(query, 18))
+
+
+def test_search_is_exhaustive_maxsim_with_its_scores(searcher, pages, rng):
+    by_key = {(p.doc_id, p.page): p for p in pages}
+    for query in [query_from(pages[4], rng), query_from(pages[59], rng), unit(rng.standard_normal((20, DIM)))]:
+        hits = searcher.search("pages", query, top_k=10)
+        assert ranked(hits) == exhaustive(query, pages, 10)
+        expected = reference_scores(query, [by_key[key] for key in ranked(hits)])
+        np.testing.assert_allclose([h["score"] for h in hits], expected, rtol=1e-4)
+    top = searcher.search("pages", query_from(pages[31], rng), top_k=1)[0]
+    assert top == {"doc_id": pages[31].doc_id, "filename": pages[31].filename, "page": pages[31].page,
+                   "score": top["score"], "metadata": pages[31].metadata}
+
+
+def test_copy_follows_writes_deletes_and_drops_from_other_processes(searcher, writer, pages, rng):
+    query = query_from(pages[7], rng)
+    assert ranked(searcher.search("pages", query, top_k=1)) == [("doc-2", 1)]  # loaded now
+
+    changed = PageRecord(**{**vars(pages[7]), "vectors": unit(rng.standard_normal((50, DIM))).astype(np.float16)})
+    added = make_pages(rng, 2, first=20)
+    writer.upsert_pages("pages", [changed, *added, *pages[:3]])  # pages[:3]: a redelivered batch
+    current = [changed if p is pages[7] else p for p in pages] + added
+    for q in (query, query_from(added[4], rng), query_from(changed, rng)):
+        assert ranked(searcher.search("pages", q, top_k=10)) == exhaustive(q, current, 10)
+
+    writer.delete_document("pages", "doc-21")
+    writer.delete_document("pages", "no-such-doc")
+    current = [p for p in current if p.doc_id != "doc-21"]
+    hits = searcher.search("pages", query_from(added[4], rng), top_k=100)
+    assert len(hits) == len(current) == 63 and "doc-21" not in {h["doc_id"] for h in hits}
+
+    # Dropped and made again with another width: the copy starts over.
+    writer.drop_collection("pages")
+    with pytest.raises(NotFound):
+        searcher.search("pages", query, top_k=1)
+    writer.create_collection("pages", "multivector", DIM // 2, "colqwen-small")
+    small = PageRecord("doc-x", 0, "x.pdf", {}, unit(rng.standard_normal((30, DIM // 2))).astype(np.float16))
+    writer.upsert_pages("pages", [small])
+    assert ranked(searcher.search("pages", small.vectors[:5].astype(np.float32), top_k=5)) == [("doc-x", 0)]
+
+
+def test_a_new_searcher_loads_what_is_stored(server, changes, writer, pages, rng):
+    writer.delete_document("pages", "doc-0")
+    store = MilvusStore(server.uri)
+    fresh = Searcher(store, changes)
+    fresh.preload()
+    query = query_from(pages[10], rng)
+    assert ranked(fresh.search("pages", query, top_k=10)) == exhaustive(query, pages[3:], 10)
+    store.close()
+
+
+def test_search_filters(searcher, pages, rng):
+    query = query_from(pages[4], rng)  # doc-1, lang "de"
+    hits = searcher.search("pages", query, top_k=10, filter='metadata["lang"] == "en"')
+    assert ranked(hits) == exhaustive(query, [p for p in pages if p.metadata["lang"] == "en"], 10)
+    hits = searcher.search("pages", query, top_k=10, filter='doc_id in ["doc-1", "doc-2"] and page >= 1')
+    assert set(ranked(hits)) == {("doc-1", 1), ("doc-1", 2), ("doc-2", 1), ("doc-2", 2)}
+    assert hits[0]["doc_id"] == "doc-1"
+    assert {h["filename"] for h in searcher.search("pages", query, 10, filter='filename == "file-7.pdf"')} == {"file-7.pdf"}
+    with pytest.raises(InvalidRequest, match="filter"):
+        searcher.search("pages", query, 10, filter="no_such_field >")
+
+
+def test_bad_queries_are_refused(searcher, writer, pages, rng):
+    with pytest.raises(InvalidRequest, match="shape"):
+        searcher.search("pages", rng.standard_normal((4, DIM // 2)))
+    with pytest.raises(InvalidRequest, match="shape"):
+        searcher.search("pages", np.full((4, DIM), np.nan))
+    with pytest.raises(NotFound):
+        searcher.search("no-such-collection", rng.standard_normal((4, DIM)))
+    writer.create_collection("chunks", "text", DIM, "minilm")
+    with pytest.raises(InvalidRequest, match="text"):
+        searcher.search("chunks", rng.standard_normal((4, DIM)))
+    writer.drop_collection("chunks")

@@ -1,0 +1,229 @@
+"""Exhaustive MaxSim search over late-interaction collections, held in a search worker's memory.
+
+Why score every page: on pages without structure for an index to use (random token vectors, the
+hard case), the pages that MaxSim ranks 2nd to 10th lead the rest by less than the spread of their
+scores, and no candidate stage short of scoring every page finds them; a page-level encoding
+(MUVERA's FDE) also averages the few tokens a query matches with hundreds of others. So a search
+scores every page, cheaply, then exactly:
+
+1. Every page's token vectors are kept here as int8 codes with one scale per page (its largest
+   absolute component / 127): 94 KB for a page of 736 tokens of dim 128. Pages are grouped by token
+   count, so a block of pages is one (pages x tokens, dim) matrix. The query is quantized alike;
+   one int8 matrix product per block (`torch._int_mm`) and a max over each page's tokens give every
+   page's approximate MaxSim. Reading the codes is most of the cost: memory bandwidth, not FLOPs.
+2. The best `top_k + RERANK_EXTRA` pages are read back from Milvus (their float16 vectors, in one
+   call) and scored exactly in float32, so the returned scores are colpali-engine's
+   `score_multi_vector` over the stored vectors.
+
+The copy follows the collection through its change feed (common.page_changes): before each search,
+the entries since the last one applied name the pages to re-read from Milvus or drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from common.errors import InvalidRequest
+from common.milvus_store import MilvusStore, PageRecord
+from common.page_changes import PageChanges
+
+log = logging.getLogger(__name__)
+
+RERANK_EXTRA = 8  # pages scored exactly beyond top_k: int8 error is about 0.1% of a score
+BLOCK_TOKENS = 49_152  # tokens per int8 product: its int32 output (4 MB for 20 query tokens) stays in cache
+LOAD_BATCH = 64  # pages per read from Milvus when loading a collection
+
+
+def _quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, float]:
+    scale = float(vectors.abs().max()) / 127 or 1.0
+    return torch.round(vectors / scale).to(torch.int8), scale
+
+
+def maxsim(query: np.ndarray, pages: list[np.ndarray]) -> np.ndarray:
+    """colpali-engine's score of `query` against each page, in float32."""
+    query = np.asarray(query, np.float32)
+    return np.array([(query @ np.asarray(page, np.float32).T).max(axis=1).sum() for page in pages], np.float32)
+
+
+@dataclass
+class _Bucket:
+    """The pages of one token count, in slots of a growing int8 array."""
+
+    tokens: int
+    dim: int
+    codes: torch.Tensor = field(init=False)  # (capacity, tokens, dim) int8
+    scales: torch.Tensor = field(init=False)  # (capacity,) float32
+    live: torch.Tensor = field(init=False)  # (capacity,) bool: the slot holds a page
+    keys: list[str | None] = field(default_factory=list)  # page key per used slot; None: free
+    free: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.codes = torch.empty((0, self.tokens, self.dim), dtype=torch.int8)
+        self.scales = torch.empty(0)
+        self.live = torch.empty(0, dtype=torch.bool)
+
+    def put(self, key: str, codes: torch.Tensor, scale: float) -> int:
+        if self.free:
+            slot = self.free.pop()
+        else:
+            slot = len(self.keys)
+            self.keys.append(None)
+            if slot == len(self.codes):
+                grow = max(16, slot // 2)
+                self.codes = torch.cat([self.codes, torch.empty((grow, self.tokens, self.dim), dtype=torch.int8)])
+                self.scales = torch.cat([self.scales, torch.empty(grow)])
+                self.live = torch.cat([self.live, torch.zeros(grow, dtype=torch.bool)])
+        self.codes[slot], self.scales[slot], self.live[slot], self.keys[slot] = codes, scale, True, key
+        return slot
+
+    def remove(self, slot: int) -> None:
+        self.keys[slot], self.live[slot] = None, False
+        self.free.append(slot)
+
+    def scores(self, query: torch.Tensor, query_scale: float) -> torch.Tensor:
+        """Approximate MaxSim of the int8 `query` against every used slot; -inf for free ones."""
+        used = len(self.keys)
+        out = torch.empty((len(query), used), dtype=torch.int32)
+        block = max(1, BLOCK_TOKENS // self.tokens)
+        for start in range(0, used, block):
+            stop = min(used, start + block)
+            sims = torch._int_mm(query, self.codes[start:stop].view(-1, self.dim).T)
+            torch.amax(sims.view(len(query), stop - start, self.tokens), dim=2, out=out[:, start:stop])
+        scores = out.sum(dim=0, dtype=torch.float32) * self.scales[:used] * query_scale
+        return scores.masked_fill_(~self.live[:used], -torch.inf)
+
+
+class PageIndex:
+    """One collection's pages as int8 codes, by page key."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self._buckets: dict[int, _Bucket] = {}
+        self._where: dict[str, tuple[_Bucket, int]] = {}
+        self._by_doc: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def put(self, page: PageRecord) -> None:
+        self.remove(page.key)
+        codes, scale = _quantize(torch.from_numpy(np.asarray(page.vectors, np.float32)))
+        bucket = self._buckets.setdefault(len(codes), _Bucket(len(codes), self.dim))
+        self._where[page.key] = (bucket, bucket.put(page.key, codes, scale))
+        self._by_doc.setdefault(page.doc_id, set()).add(page.key)
+
+    def remove(self, key: str) -> None:
+        if key in self._where:
+            bucket, slot = self._where.pop(key)
+            bucket.remove(slot)
+            doc_id = key.rsplit("#", 1)[0]
+            self._by_doc[doc_id].discard(key)
+            if not self._by_doc[doc_id]:
+                del self._by_doc[doc_id]
+
+    def remove_document(self, doc_id: str) -> None:
+        for key in list(self._by_doc.get(doc_id, ())):
+            self.remove(key)
+
+    def best(self, query: np.ndarray, count: int, allowed: set[str] | None = None) -> list[str]:
+        """The keys of the `count` pages with the highest approximate MaxSim (among `allowed`)."""
+        codes, scale = _quantize(torch.from_numpy(np.asarray(query, np.float32)))
+        keys: list[str | None] = []
+        scores = []
+        for bucket in self._buckets.values():
+            keys.extend(bucket.keys)
+            scores.append(bucket.scores(codes, scale))
+        if not keys:
+            return []
+        everything = torch.cat(scores)
+        if allowed is not None:
+            everything[[i for i, key in enumerate(keys) if key not in allowed]] = -torch.inf
+        top = torch.topk(everything, min(count, len(keys)))
+        return [keys[i] for i, score in zip(top.indices.tolist(), top.values.tolist()) if score > -torch.inf]
+
+
+@dataclass
+class _Copy:
+    index: PageIndex
+    applied: str  # the last change feed entry applied
+
+
+class Searcher:
+    """Search late-interaction collections: every page scored in memory, the best exactly."""
+
+    def __init__(self, store: MilvusStore, changes: PageChanges):
+        self.store = store
+        self.changes = changes
+        self._copies: dict[str, _Copy] = {}
+        self._lock = threading.Lock()
+
+    def preload(self) -> None:
+        """Load every late-interaction collection, so first searches do not wait for it."""
+        for info in self.store.list_collections():
+            if info.kind == "multivector":
+                with self._lock:
+                    self._current(info.name)
+
+    def search(self, collection: str, query: np.ndarray, top_k: int = 10, filter: str | None = None) -> list[dict]:
+        """The `top_k` pages by exact MaxSim: `[{doc_id, filename, page, score, metadata}]`, best first."""
+        with self._lock:
+            copy = self._current(collection)
+            query = self._checked(query, copy.index.dim)
+            allowed = self.store.matching_keys(collection, filter) if filter else None
+            candidates = copy.index.best(query, top_k + RERANK_EXTRA, allowed)
+        pages = self.store.fetch_pages(collection, candidates)
+        if allowed is not None:  # a page written since the filter was read may pass it no more
+            pages = [p for p in pages if p.key in allowed]
+        scores = maxsim(query, [p.vectors for p in pages])
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [{"doc_id": pages[i].doc_id, "filename": pages[i].filename, "page": pages[i].page,
+                 "score": float(scores[i]), "metadata": pages[i].metadata} for i in order]
+
+    def _checked(self, query: np.ndarray, dim: int) -> np.ndarray:
+        query = np.asarray(query, np.float32)
+        if query.ndim != 2 or query.shape[1] != dim or not len(query) or not np.isfinite(query).all():
+            raise InvalidRequest(f"query must be finite token vectors in shape (n, {dim}), not {query.shape}", "query")
+        return query
+
+    def _current(self, collection: str) -> _Copy:
+        """The copy of `collection`, loaded if new here, with every change since applied."""
+        copy = self._copies.get(collection)
+        if copy is None:
+            copy = self._copies[collection] = self._load(collection)  # raises (caches nothing) when there is none
+        changes = self.changes.since(collection, copy.applied)
+        if not changes:
+            return copy
+        stale: dict[str, None] = {}  # keys to read again, in order
+        for change in changes:
+            if change.op == "drop":
+                del self._copies[collection]
+                return self._current(collection)
+            if change.op == "delete":
+                copy.index.remove_document(change.doc_id)
+                stale = {k: None for k in stale if k.rsplit("#", 1)[0] != change.doc_id}
+            else:
+                stale.update(dict.fromkeys(change.page_keys))
+        fresh = self.store.fetch_pages(collection, list(stale))
+        for key in stale.keys() - {page.key for page in fresh}:  # gone from Milvus since
+            copy.index.remove(key)
+        for page in fresh:
+            copy.index.put(page)
+        copy.applied = changes[-1].id
+        return copy
+
+    def _load(self, collection: str) -> _Copy:
+        applied = self.changes.last_id(collection)  # read first: what follows is replayed after
+        info = self.store.describe(collection)  # NotFound when there is none
+        if info.kind != "multivector":
+            raise InvalidRequest(f"collection {collection!r} holds {info.kind} vectors, not pages", "collection")
+        copy = _Copy(PageIndex(info.dim), applied)
+        for pages in self.store.iter_pages(collection, LOAD_BATCH):
+            for page in pages:
+                copy.index.put(page)
+        log.info("loaded %d pages of %s", len(copy.index), collection)
+        return copy
