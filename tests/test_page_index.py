@@ -15,7 +15,7 @@ from common.errors import InvalidRequest, NotFound
 from common.milvus_server import MilvusLiteServer
 from common.milvus_store import MilvusStore, PageRecord
 from common.page_changes import PageChanges
-from workers.page_index import PageIndex, Searcher
+from workers.page_index import RERANK_EXTRA, PageIndex, Searcher
 
 DIM = 128
 
@@ -109,7 +109,7 @@ def test_int8_scan_ranks_as_exact_maxsim(rng):
     for _ in range(10):
         query = unit(rng.standard_normal((20, DIM)))
         top = {f"{d}#{p}" for d, p in exhaustive(query, records, 10)}
-        assert top <= set(index.best(query, 18))
+        assert top <= set(index.best(query, 10 + RERANK_EXTRA))
 
 
 def test_search_is_exhaustive_maxsim_with_its_scores(searcher, pages, rng):
