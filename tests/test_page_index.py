@@ -151,6 +151,19 @@ def test_copy_follows_writes_deletes_and_drops_from_other_processes(searcher, wr
     assert ranked(searcher.search("pages", small.vectors[:5].astype(np.float32), top_k=5)) == [("doc-x", 0)]
 
 
+def test_catching_up_applies_changes_without_a_search(searcher, writer, pages, rng):
+    searcher.preload()
+    assert searcher.held()["pages"] == 60
+    writer.upsert_pages("pages", make_pages(rng, 2, first=20))
+    writer.delete_document("pages", "doc-0")
+    searcher.catch_up()
+    assert searcher.held()["pages"] == 63
+    writer.drop_collection("pages")
+    searcher.catch_up()
+    assert "pages" not in searcher.held()  # its memory is let go
+    writer.create_collection("pages", "multivector", DIM, "colqwen-test")  # for the fixture's drop
+
+
 def test_a_new_searcher_loads_what_is_stored(server, changes, writer, pages, rng):
     writer.delete_document("pages", "doc-0")
     store = MilvusStore(server.uri)

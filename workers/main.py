@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 
 import redis
 from celery import signals
@@ -81,6 +83,20 @@ def run_ingest_worker() -> None:
     )
 
 
+CATCH_UP_S = 1.0
+
+
+def _follow_collections() -> None:
+    from .search import searcher
+
+    while True:
+        time.sleep(CATCH_UP_S)
+        try:
+            searcher().catch_up()
+        except Exception:  # Milvus or Redis away for a moment: searches say so; try again
+            log.warning("catching up with the collections failed; retrying", exc_info=True)
+
+
 def run_search_worker() -> None:
     """The worker that searches late-interaction collections from its in-memory copy of them. It
     loads them all before it says it is live; searches run one at a time, each on every core."""
@@ -94,6 +110,7 @@ def run_search_worker() -> None:
     searcher().preload()
     client = redis.Redis.from_url(settings.redis_url)
     start_heartbeat(client, [keys.SEARCH_WORKERS_ALIVE], name, settings.worker_heartbeat_ttl_s)
+    threading.Thread(target=_follow_collections, name="embedq-catch-up", daemon=True).start()
     get_celery_app().worker_main(
         [
             "worker",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.errors import InvalidRequest
+from common.errors import InvalidRequest, NotFound
 from common.milvus_store import MilvusStore, PageRecord
 from common.page_changes import PageChanges
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # within the int8 top 15.
 RERANK_EXTRA = 8
 BLOCK_TOKENS = 49_152  # tokens per int8 product: its int32 output (4 MB for 20 query tokens) stays in cache
-LOAD_BATCH = 64  # pages per read from Milvus when loading a collection
+LOAD_BATCH = 64  # pages per read from Milvus (about 16 MB for pages of 736 tokens)
 
 
 def _quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -150,6 +150,13 @@ class PageIndex:
         return [keys[i] for i, score in zip(top.indices.tolist(), top.values.tolist()) if score > -torch.inf]
 
 
+def _checked(query: np.ndarray, dim: int) -> np.ndarray:
+    query = np.asarray(query, np.float32)
+    if query.ndim != 2 or query.shape[1] != dim or not len(query) or not np.isfinite(query).all():
+        raise InvalidRequest(f"query must be finite token vectors in shape (n, {dim}), not {query.shape}", "query")
+    return query
+
+
 @dataclass
 class _Copy:
     index: PageIndex
@@ -172,11 +179,26 @@ class Searcher:
                 with self._lock:
                     self._current(info.name)
 
+    def held(self) -> dict[str, int]:
+        """Pages held here, per collection."""
+        return {name: len(copy.index) for name, copy in self._copies.items()}
+
+    def catch_up(self) -> None:
+        """Apply the changes waiting for every collection held here. The search worker does it
+        every second, so a search seldom waits for the pages of a large job, and the memory of a
+        dropped collection goes."""
+        for name in list(self._copies):
+            with self._lock:
+                try:
+                    self._current(name)
+                except NotFound:
+                    pass  # dropped: _current let its copy go
+
     def search(self, collection: str, query: np.ndarray, top_k: int = 10, filter: str | None = None) -> list[dict]:
         """The `top_k` pages by exact MaxSim: `[{doc_id, filename, page, score, metadata}]`, best first."""
         with self._lock:
             copy = self._current(collection)
-            query = self._checked(query, copy.index.dim)
+            query = _checked(query, copy.index.dim)
             allowed = self.store.matching_keys(collection, filter) if filter else None
             candidates = copy.index.best(query, top_k + RERANK_EXTRA, allowed)
         pages = self.store.fetch_pages(collection, candidates)
@@ -186,12 +208,6 @@ class Searcher:
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [{"doc_id": pages[i].doc_id, "filename": pages[i].filename, "page": pages[i].page,
                  "score": float(scores[i]), "metadata": pages[i].metadata} for i in order]
-
-    def _checked(self, query: np.ndarray, dim: int) -> np.ndarray:
-        query = np.asarray(query, np.float32)
-        if query.ndim != 2 or query.shape[1] != dim or not len(query) or not np.isfinite(query).all():
-            raise InvalidRequest(f"query must be finite token vectors in shape (n, {dim}), not {query.shape}", "query")
-        return query
 
     def _current(self, collection: str) -> _Copy:
         """The copy of `collection`, loaded if new here, with every change since applied."""
@@ -211,11 +227,14 @@ class Searcher:
                 stale = {k: None for k in stale if k.rsplit("#", 1)[0] != change.doc_id}
             else:
                 stale.update(dict.fromkeys(change.page_keys))
-        fresh = self.store.fetch_pages(collection, list(stale))
-        for key in stale.keys() - {page.key for page in fresh}:  # gone from Milvus since
-            copy.index.remove(key)
-        for page in fresh:
-            copy.index.put(page)
+        stale_keys = list(stale)
+        for start in range(0, len(stale_keys), LOAD_BATCH):
+            wanted = stale_keys[start : start + LOAD_BATCH]
+            fresh = self.store.fetch_pages(collection, wanted)
+            for key in set(wanted) - {page.key for page in fresh}:  # gone from Milvus since
+                copy.index.remove(key)
+            for page in fresh:
+                copy.index.put(page)
         copy.applied = changes[-1].id
         return copy
 
