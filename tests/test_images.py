@@ -165,6 +165,13 @@ def test_animated_gif_gives_its_first_frame():
     assert load_image(data, LIMIT).getpixel((4, 4)) == (255, 0, 0)
 
 
-def test_encode_png_round_trips():
-    image = Image.effect_noise((16, 16), 40).convert("RGB")
-    assert load_image(encode_png(image), LIMIT).tobytes() == image.tobytes()
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA", "1"])
+def test_encode_png_round_trips(mode):
+    image = Image.effect_noise((17, 9), 40).convert(mode)
+    data = encode_png(image)
+    decoded = Image.open(io.BytesIO(data))
+    decoded.load()  # Pillow checks every chunk's CRC and the zlib stream while reading them
+    assert decoded.format == "PNG" and decoded.size == image.size
+    expected = image if mode in ("RGB", "L", "RGBA") else image.convert("RGBA" if "A" in mode else "RGB")
+    assert decoded.mode == expected.mode and decoded.tobytes() == expected.tobytes()
+    assert load_image(data, LIMIT).tobytes() == expected.convert("RGB").tobytes()
