@@ -19,7 +19,7 @@ import workers.backends  # noqa: F401  (makes torchvision importable before colp
 from colpali_engine.models import ColQwen2Processor
 from common import keys, procs
 from common.client import EmbedqClient
-from common.errors import NotFound
+from common.errors import InvalidRequest, NotFound
 from common.documents import render_pdf_pages
 from common.images import encode_png
 from common.queues import embed_queue
@@ -200,6 +200,8 @@ def test_direct_celery_search_answers_as_the_api(ingest_api, ingest_env):
         assert sorted(h["page"] for h in filtered) == [3, 4]
         with pytest.raises(NotFound):
             client.search_pages("no-such-collection", query, timeout=30)
+        with pytest.raises(InvalidRequest, match="shape"):
+            client.search_pages("direct", query[:, :7], timeout=30)
     finally:
         client.close()
 
