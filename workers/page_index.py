@@ -10,7 +10,8 @@ scores every page, cheaply, then exactly:
    absolute component / 127): 94 KB for a page of 736 tokens of dim 128. Pages are grouped by token
    count, so a block of pages is one (pages x tokens, dim) matrix. The query is quantized alike;
    one int8 matrix product per block (`torch._int_mm`) and a max over each page's tokens give every
-   page's approximate MaxSim. Reading the codes is most of the cost: memory bandwidth, not FLOPs.
+   page's approximate MaxSim. The products are most of a search's time: at 10k pages on 2 cores,
+   about 40 ms plus 3.5 ms per query token.
 2. The best `top_k + RERANK_EXTRA` pages are read back from Milvus (their float16 vectors, in one
    call) and scored exactly in float32, so the returned scores are colpali-engine's
    `score_multi_vector` over the stored vectors.
