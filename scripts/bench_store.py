@@ -40,6 +40,7 @@ for _name, _value in SEARCH_WORKER_ENV.items():  # as the search worker runs
 
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
+import torch  # noqa: E402
 
 from common import procs  # noqa: E402
 from common.milvus_server import MilvusLiteServer  # noqa: E402
@@ -107,7 +108,7 @@ def bench_search(uri: str, client: redis.Redis, pages: int, server_pid: int | No
     if server_pid:
         _wait_idle(server_pid)
 
-    searcher = Searcher(MilvusStore(uri), PageChanges(client))
+    searcher = Searcher(MilvusStore(uri), PageChanges(client), threads=os.cpu_count() or 1)
     rss, started = _rss_gb(), time.perf_counter()
     searcher.preload()
     result["load_s"] = round(time.perf_counter() - started, 1)
@@ -157,9 +158,10 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=1)
     parser.add_argument("--noise", type=float, default=1.0)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as the search worker runs: its searcher's threads share the cores out
     options = dict(queries=args.queries, tokens=args.tokens, query_tokens=args.query_tokens,
                    targets=args.targets, noise=args.noise)
-    print(f"options: {options}; torch threads: {os.cpu_count()} cores")
+    print(f"options: {options}; {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         redis_url, redis_proc = procs.redis_or_embedded(os.environ.get("EMBEDQ_REDIS_URL"), Path(tmp) / "redis")
         server = None if args.uri else MilvusLiteServer(Path(tmp) / "milvus", procs.free_port()).start()

@@ -3,6 +3,8 @@ real Milvus Lite server and a real Redis change feed; writes from another store 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import redis
@@ -71,7 +73,7 @@ def writer(server, changes):
 @pytest.fixture
 def searcher(server, changes):
     store = MilvusStore(server.uri)
-    yield Searcher(store, changes)
+    yield Searcher(store, changes, threads=2)
     store.close()
 
 
@@ -106,10 +108,11 @@ def test_int8_scan_ranks_as_exact_maxsim(rng):
     index = PageIndex(DIM)
     for page in records:
         index.put(page)
-    for _ in range(10):
-        query = unit(rng.standard_normal((20, DIM)))
-        top = {f"{d}#{p}" for d, p in exhaustive(query, records, 10)}
-        assert top <= set(index.best(query, 10 + RERANK_EXTRA))
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(10):
+            query = unit(rng.standard_normal((20, DIM)))
+            top = {f"{d}#{p}" for d, p in exhaustive(query, records, 10)}
+            assert top <= set(index.best(query, 10 + RERANK_EXTRA, pool))
 
 
 def test_search_is_exhaustive_maxsim_with_its_scores(searcher, pages, rng):

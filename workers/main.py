@@ -105,7 +105,7 @@ def run_search_worker() -> None:
     from .search import searcher
 
     settings = get_settings()
-    torch.set_num_threads(settings.cpu_threads)
+    torch.set_num_threads(1)  # the searcher's own threads share the cores out (workers.page_index)
     name = f"search@{socket.gethostname()}:{os.getpid()}"
     searcher().preload()
     client = redis.Redis.from_url(settings.redis_url)

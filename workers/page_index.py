@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,15 +90,19 @@ class _Bucket:
         self.keys[slot], self.live[slot] = None, False
         self.free.append(slot)
 
-    def scores(self, query: torch.Tensor, query_scale: float) -> torch.Tensor:
-        """Approximate MaxSim of the int8 `query` against every used slot; -inf for free ones."""
+    def scores(self, query: torch.Tensor, query_scale: float, pool: ThreadPoolExecutor) -> torch.Tensor:
+        """Approximate MaxSim of the int8 `query` against every used slot; -inf for free ones. The
+        blocks are shared out among the pool's threads."""
         used = len(self.keys)
         out = torch.empty((len(query), used), dtype=torch.int32)
         block = max(1, BLOCK_TOKENS // self.tokens)
-        for start in range(0, used, block):
+
+        def scan(start: int) -> None:
             stop = min(used, start + block)
             sims = torch._int_mm(query, self.codes[start:stop].view(-1, self.dim).T)
             torch.amax(sims.view(len(query), stop - start, self.tokens), dim=2, out=out[:, start:stop])
+
+        list(pool.map(scan, range(0, used, block)))
         scores = out.sum(dim=0, dtype=torch.float32) * self.scales[:used] * query_scale
         return scores.masked_fill_(~self.live[:used], -torch.inf)
 
@@ -134,14 +139,15 @@ class PageIndex:
         for key in list(self._by_doc.get(doc_id, ())):
             self.remove(key)
 
-    def best(self, query: np.ndarray, count: int, allowed: set[str] | None = None) -> list[str]:
-        """The keys of the `count` pages with the highest approximate MaxSim (among `allowed`)."""
+    def best(self, query: np.ndarray, count: int, pool: ThreadPoolExecutor, allowed: set[str] | None = None) -> list[str]:
+        """The keys of the `count` pages with the highest approximate MaxSim (among `allowed`),
+        scored by the threads of `pool`."""
         codes, scale = _quantize(torch.from_numpy(np.asarray(query, np.float32)))
         keys: list[str | None] = []
         scores = []
         for bucket in self._buckets.values():
             keys.extend(bucket.keys)
-            scores.append(bucket.scores(codes, scale))
+            scores.append(bucket.scores(codes, scale, pool))
         if not keys:
             return []
         everything = torch.cat(scores)
@@ -167,11 +173,14 @@ class _Copy:
 class Searcher:
     """Search late-interaction collections: every page scored in memory, the best exactly."""
 
-    def __init__(self, store: MilvusStore, changes: PageChanges):
+    def __init__(self, store: MilvusStore, changes: PageChanges, threads: int = 1):
+        """`threads` scan at once, each running torch on one core: faster than torch's own threads
+        on the same cores (a search at 6k pages on 2 cores: 93 against 105 ms), so give torch one."""
         self.store = store
         self.changes = changes
         self._copies: dict[str, _Copy] = {}
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="embedq-scan")
 
     def preload(self) -> None:
         """Load every late-interaction collection, so first searches do not wait for it."""
@@ -201,7 +210,7 @@ class Searcher:
             copy = self._current(collection)
             query = _checked(query, copy.index.dim)
             allowed = self.store.matching_keys(collection, filter) if filter else None
-            candidates = copy.index.best(query, top_k + RERANK_EXTRA, allowed)
+            candidates = copy.index.best(query, top_k + RERANK_EXTRA, self._pool, allowed)
         pages = self.store.fetch_pages(collection, candidates)
         if allowed is not None:  # a page written since the filter was read may pass it no more
             pages = [p for p in pages if p.key in allowed]

@@ -25,7 +25,8 @@ app = get_celery_app()
 @lru_cache
 def searcher() -> Searcher:
     settings = get_settings()
-    return Searcher(MilvusStore(settings.milvus_uri), PageChanges(redis.Redis.from_url(settings.redis_url)))
+    return Searcher(MilvusStore(settings.milvus_uri), PageChanges(redis.Redis.from_url(settings.redis_url)),
+                    threads=settings.cpu_threads)
 
 
 @app.task(name=SEARCH_TASK)
