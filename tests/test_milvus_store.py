@@ -12,21 +12,7 @@ from common.errors import InvalidRequest, NotFound
 from common.milvus_server import MilvusLiteServer
 from common.milvus_store import ChunkRecord, MilvusStore, PageRecord
 
-DIM = 128
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def make_pages(rng: np.random.Generator, docs: int, pages_per_doc: int = 3) -> list[PageRecord]:
-    """Random unit token vectors, 40 to 80 tokens a page, stored as float16."""
-    return [
-        PageRecord(f"doc-{d}", p, f"file-{d}.pdf", {"lang": ["en", "de"][d % 2], "year": 2000 + d},
-                   unit(rng.standard_normal((int(rng.integers(40, 81)), DIM))).astype(np.float16))
-        for d in range(docs) for p in range(pages_per_doc)
-    ]
-
+from .pages import DIM, make_pages, unit
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

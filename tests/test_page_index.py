@@ -1,5 +1,5 @@
-"""Page search as the search worker runs it: every page scored in memory, the best exactly, against a
-real Milvus Lite server and a real Redis change feed; writes from another store show up."""
+"""Page search as the search worker runs it: every page scored in memory, the best exactly, against the
+session's real Milvus Lite server and a real Redis change feed; writes from another store show up."""
 
 from __future__ import annotations
 
@@ -12,19 +12,12 @@ import torch
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
-from common import procs
 from common.errors import InvalidRequest, NotFound
-from common.milvus_server import MilvusLiteServer
 from common.milvus_store import MilvusStore, PageRecord
 from common.page_changes import PageChanges
 from workers.page_index import RERANK_EXTRA, PageIndex, Searcher
 
-DIM = 128
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
+from .pages import DIM, make_pages, unit
 
 def reference_scores(query: np.ndarray, pages: list[PageRecord]) -> np.ndarray:
     """colpali-engine's MaxSim (batch_size 1: it pads a batch's pages with zero rows)."""
@@ -34,25 +27,10 @@ def reference_scores(query: np.ndarray, pages: list[PageRecord]) -> np.ndarray:
     )[0].numpy()
 
 
-def make_pages(rng: np.random.Generator, docs: int, pages_per_doc: int = 3, first: int = 0) -> list[PageRecord]:
-    """Random unit token vectors, 40 to 80 tokens a page (so several token counts), stored as float16."""
-    return [
-        PageRecord(f"doc-{d}", p, f"file-{d}.pdf", {"lang": ["en", "de"][d % 2], "year": 2000 + d},
-                   unit(rng.standard_normal((int(rng.integers(40, 81)), DIM))).astype(np.float16))
-        for d in range(first, first + docs) for p in range(pages_per_doc)
-    ]
-
-
 def query_from(page: PageRecord, rng: np.random.Generator, tokens: int = 20) -> np.ndarray:
     """Noisy copies (cosine about 0.9) of some of the page's tokens."""
     picked = page.vectors[rng.choice(len(page.vectors), tokens, replace=False)].astype(np.float32)
     return unit(picked + 0.5 * unit(rng.standard_normal(picked.shape)))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with MilvusLiteServer(tmp_path_factory.mktemp("milvus") / "data", procs.free_port()) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +41,16 @@ def changes(redis_server):
 
 
 @pytest.fixture
-def writer(server, changes):
+def writer(milvus_uri, changes):
     """The store as workers and the API use it: every change goes to the feed."""
-    store = MilvusStore(server.uri, changes=changes)
+    store = MilvusStore(milvus_uri, changes=changes)
     yield store
     store.close()
 
 
 @pytest.fixture
-def searcher(server, changes):
-    store = MilvusStore(server.uri)
+def searcher(milvus_uri, changes):
+    store = MilvusStore(milvus_uri)
     yield Searcher(store, changes, threads=2)
     store.close()
 
@@ -167,9 +145,9 @@ def test_catching_up_applies_changes_without_a_search(searcher, writer, pages, r
     writer.create_collection("pages", "multivector", DIM, "colqwen-test")  # for the fixture's drop
 
 
-def test_a_new_searcher_loads_what_is_stored(server, changes, writer, pages, rng):
+def test_a_new_searcher_loads_what_is_stored(milvus_uri, changes, writer, pages, rng):
     writer.delete_document("pages", "doc-0")
-    store = MilvusStore(server.uri)
+    store = MilvusStore(milvus_uri)
     fresh = Searcher(store, changes)
     fresh.preload()
     query = query_from(pages[10], rng)
