@@ -18,7 +18,7 @@ from celery import Celery
 
 from common import keys
 from common.errors import QueueFull, ServiceUnavailable
-from common.queues import EMBED_TASK, SEARCH_QUEUE, SEARCH_TASK, embed_queue
+from common.queues import EMBED_TASK, SEARCH_QUEUE, SEARCH_TASK, embed_queue, search_kwargs
 from common.settings import Settings
 from common.vectors import unpack
 
@@ -87,6 +87,4 @@ class Dispatcher:
     async def search_pages(self, collection: str, query: np.ndarray, top_k: int, filter: str | None) -> list[dict[str, Any]]:
         """The `top_k` pages of a late-interaction collection by exact MaxSim (a search worker's answer)."""
         await self._check(SEARCH_QUEUE, keys.SEARCH_WORKERS_ALIVE, "page search")
-        kwargs = {"collection": collection, "query": np.ascontiguousarray(query, "<f4").tobytes(),
-                  "dim": int(query.shape[-1]), "top_k": top_k, "filter": filter}
-        return await self._call(SEARCH_TASK, SEARCH_QUEUE, kwargs)
+        return await self._call(SEARCH_TASK, SEARCH_QUEUE, search_kwargs(collection, query, top_k, filter))

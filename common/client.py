@@ -1,7 +1,8 @@
 """Submitting tasks straight to the queues, for Python backends that skip the HTTP API.
 
 It sends the documented tasks `embedq.embed` and `embedq.search_pages` through the shared Celery
-app, whose router puts them on `embed.<model>.<modality>` and `search.pages`. Answers come back as bytes and are decoded with `common.vectors.unpack`.
+app, whose router puts them on `embed.<model>.<modality>` and `search.pages`. Vectors come back as
+bytes and are decoded with `common.vectors.unpack`.
 A worker's error comes back as its `common.errors` class: Celery rebuilds a task failure from the
 module and class name it stores when that module is imported in the waiting process, as it is here.
 """
@@ -16,7 +17,7 @@ from celery.result import AsyncResult
 
 from .celery_app import create_celery_app
 from .errors import ServiceUnavailable
-from .queues import EMBED_TASK, SEARCH_TASK
+from .queues import EMBED_TASK, SEARCH_TASK, search_kwargs
 from .settings import Settings, get_settings
 from .vectors import unpack
 
@@ -81,10 +82,8 @@ class EmbedqClient:
         """The `top_k` pages of a late-interaction collection by exact MaxSim with `query` (its
         `(n_tokens, dim)` token vectors, as `embed_texts(..., output="multivector",
         input_type="query")` gives them): `[{doc_id, filename, page, score, metadata}]`."""
-        query = np.ascontiguousarray(query, "<f4")
-        kwargs = {"collection": collection, "query": query.tobytes(), "dim": query.shape[-1], "top_k": top_k,
-                  "filter": filter}
         timeout = self.settings.request_timeout_s if timeout is None else timeout
+        kwargs = search_kwargs(collection, query, top_k, filter)
         return self._answer(self.celery.send_task(SEARCH_TASK, kwargs=kwargs, expires=timeout), timeout)
 
     def close(self) -> None:

@@ -19,8 +19,8 @@ at 200k rows, and 10k pages of 736 tokens make 7.4 M. Figures: ``scripts/bench_s
 Writes are idempotent: primary keys are ``{doc_id}#{page}`` / ``{doc_id}#{chunk}``, written with
 upsert, so a redelivered batch replaces its rows. Writes do not flush: Milvus seals a segment per
 flush (many small segments slow every search, and Milvus rate-limits flushes), so the writer calls
-``flush`` once a job's writes are done. Until then its rows are searched by brute force: cheap for
-page rows (milvus-lite flushes by itself every 128 MB, about 400 pages), not for a large text job.
+``flush`` once a job's writes are done. Until then Milvus searches a text job's chunks by brute
+force (page rows are read, not searched, by Milvus).
 """
 
 from __future__ import annotations

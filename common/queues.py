@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 EMBED_TASK = "embedq.embed"
 INDEX_PAGES_TASK = "embedq.index_pages"
 INDEX_CHUNKS_TASK = "embedq.index_chunks"
@@ -11,6 +13,13 @@ INGEST_TASK = "embedq.ingest_file"
 INGEST_QUEUE = "ingest.cpu"
 SEARCH_TASK = "embedq.search_pages"
 SEARCH_QUEUE = "search.pages"
+
+
+def search_kwargs(collection: str, query: np.ndarray, top_k: int, filter: str | None) -> dict[str, Any]:
+    """The arguments of SEARCH_TASK: the query's (n_tokens, dim) vectors as little-endian float32 bytes."""
+    query = np.ascontiguousarray(query, "<f4")
+    return {"collection": collection, "query": query.tobytes(), "dim": int(query.shape[-1]), "top_k": top_k,
+            "filter": filter}
 
 
 def embed_queue(model: str, modality: str) -> str:
