@@ -63,7 +63,7 @@ class _Bucket:
     dim: int
     codes: torch.Tensor = field(init=False)  # (capacity, tokens, dim) int8
     scales: torch.Tensor = field(init=False)  # (capacity,) float32
-    live: torch.Tensor = field(init=False)  # (capacity,) bool: the slot holds a page
+    live: torch.Tensor = field(init=False)  # (capacity,) bool: `keys` as a mask, so a search needs no loop
     keys: list[str | None] = field(default_factory=list)  # page key per used slot; None: free
     free: list[int] = field(default_factory=list)
 
@@ -122,7 +122,9 @@ class PageIndex:
     def put(self, page: PageRecord) -> None:
         self.remove(page.key)
         codes, scale = _quantize(torch.from_numpy(np.asarray(page.vectors, np.float32)))
-        bucket = self._buckets.setdefault(len(codes), _Bucket(len(codes), self.dim))
+        if len(codes) not in self._buckets:
+            self._buckets[len(codes)] = _Bucket(len(codes), self.dim)
+        bucket = self._buckets[len(codes)]
         self._where[page.key] = (bucket, bucket.put(page.key, codes, scale))
         self._by_doc.setdefault(page.doc_id, set()).add(page.key)
 
