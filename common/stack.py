@@ -2,8 +2,9 @@
 
 Redis (EMBEDQ_REDIS_URL, or a private embedded redis-server with its files under ./var/), Milvus
 (EMBEDQ_MILVUS_URI, or a Milvus Lite server with its data under ./var/), the API, one worker per
-model in models.yaml, the CPU ingestion worker, the search worker, and Flower when asked. It waits until the API says ready, prints the URLs, and
-on Ctrl-C / SIGTERM (or when any child dies) stops every child it started.
+model in models.yaml, the CPU ingestion worker, the search worker, and Flower when asked. It waits
+until the API says every one of them is live, prints the URLs, and on Ctrl-C / SIGTERM (or when
+any child dies) stops every child it started.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run_stack(flower: bool = False) -> int:
                 return 1
             if not announced:
                 status = _ready(f"{base}/health/ready")
-                if status and status.get("status") == "ready":
+                if status and status.get("status") == "ready" and status["ingest_workers"] and status["search_workers"]:
                     print(f"embedq: ready. API {base}/v1  docs {base}/docs  health {base}/health/ready", flush=True)
                     if flower:
                         print("embedq: Flower http://127.0.0.1:5555", flush=True)

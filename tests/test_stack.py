@@ -57,8 +57,10 @@ def test_up_brings_its_own_parts_and_stops_them(models_file, tmp_path):
         assert f"http://127.0.0.1:{port}/v1" in output
         response = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": MINILM, "input": "hi"}, timeout=30)
         assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 384
+        ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=5).json()
+        assert (ready["ingest_workers"], ready["search_workers"]) == (1, 1)
         started = children_of(stack.pid)
-        assert len(started) >= 5  # redis, milvus, api, worker, ingest worker
+        assert len(started) >= 6  # redis, milvus, api, worker, ingest worker, search worker
         assert (tmp_path / "var" / "redis").is_dir() and (tmp_path / "var" / "milvus").is_dir()
     finally:
         stack.send_signal(signal.SIGTERM)

@@ -1,5 +1,6 @@
 """Health: `/healthz` and `/health/live` (the process answers), `/health/ready` (Redis answers and
-every served model has a live, warmed worker for each of its modalities). Never behind auth."""
+every served model has a live, warmed worker for each of its modalities; it also counts the live
+ingestion and search workers, which uploads and page searches need). Never behind auth."""
 
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ async def ready(client: RedisDep, registry: RegistryDep, settings: SettingsDep) 
             since = time.time() - settings.worker_heartbeat_ttl_s
             for model, modality in wanted:
                 pipe.zcount(keys.workers_alive(model, modality), since, "+inf")
-            counts = await pipe.execute()
+            pipe.zcount(keys.INGEST_WORKERS_ALIVE, since, "+inf")
+            pipe.zcount(keys.SEARCH_WORKERS_ALIVE, since, "+inf")
+            *counts, ingest_workers, search_workers = await pipe.execute()
     except Exception as exc:
         return JSONResponse({"status": "unavailable", "redis": f"error: {exc}"}, 503)
     workers = {f"{model}/{modality}": count for (model, modality), count in zip(wanted, counts)}
     ok = all(counts)
-    return JSONResponse({"status": "ready" if ok else "starting", "redis": "ok", "workers": workers}, 200 if ok else 503)
+    return JSONResponse({"status": "ready" if ok else "starting", "redis": "ok", "workers": workers,
+                         "ingest_workers": ingest_workers, "search_workers": search_workers}, 200 if ok else 503)
