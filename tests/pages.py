@@ -21,3 +21,13 @@ def make_pages(rng: np.random.Generator, docs: int, pages_per_doc: int = 3, firs
                    unit(rng.standard_normal((int(rng.integers(40, 81)), DIM))).astype(np.float16))
         for d in range(first, first + docs) for p in range(pages_per_doc)
     ]
+
+
+def page_collection(store, rng: np.random.Generator, name: str = "pages"):
+    """For a fixture to `yield from`: a multi-vector collection of 20 documents × 3 pages in
+    `store` (not flushed: reads see unflushed rows too), dropped afterwards."""
+    store.create_collection(name, "multivector", DIM, "colqwen-test")
+    pages = make_pages(rng, 20)
+    store.upsert_pages(name, pages)
+    yield pages
+    store.drop_collection(name)

@@ -12,7 +12,7 @@ from common.errors import InvalidRequest, NotFound
 from common.milvus_server import MilvusLiteServer
 from common.milvus_store import ChunkRecord, MilvusStore, PageRecord
 
-from .pages import DIM, make_pages, unit
+from .pages import DIM, make_pages, page_collection, unit
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -34,12 +34,7 @@ def rng():
 
 @pytest.fixture
 def pages_collection(store, rng):
-    """A multi-vector collection of 20 documents × 3 pages (not flushed: reads see unflushed rows too)."""
-    store.create_collection("pages", "multivector", DIM, "colqwen-test")
-    pages = make_pages(rng, 20)
-    store.upsert_pages("pages", pages)
-    yield pages
-    store.drop_collection("pages")
+    yield from page_collection(store, rng)
 
 
 def test_second_server_on_the_same_data_dir_or_port_is_refused(server, tmp_path):

@@ -17,7 +17,7 @@ from common.milvus_store import MilvusStore, PageRecord
 from common.page_changes import PageChanges
 from workers.page_index import RERANK_EXTRA, PageIndex, Searcher
 
-from .pages import DIM, make_pages, unit
+from .pages import DIM, make_pages, page_collection, unit
 
 def reference_scores(query: np.ndarray, pages: list[PageRecord]) -> np.ndarray:
     """colpali-engine's MaxSim (batch_size 1: it pads a batch's pages with zero rows)."""
@@ -62,12 +62,7 @@ def rng():
 
 @pytest.fixture
 def pages(writer, rng):
-    """A collection of 20 documents × 3 pages."""
-    writer.create_collection("pages", "multivector", DIM, "colqwen-test")
-    records = make_pages(rng, 20)
-    writer.upsert_pages("pages", records)
-    yield records
-    writer.drop_collection("pages")
+    yield from page_collection(writer, rng)
 
 
 def ranked(hits: list[dict]) -> list[tuple[str, int]]:
