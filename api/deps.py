@@ -10,14 +10,16 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from common.errors import ServiceUnavailable, Unauthorized
-from common.page_changes import PageChanges
+from common.jobs.ledger import JobLedger
+from common.jobs.state import JobStore
 from common.registry import Registry
 from common.settings import Settings
+from common.store.changes import PageChanges
 
 from .dispatch import Dispatcher
 
 if TYPE_CHECKING:
-    from common.milvus_store import MilvusStore
+    from common.store.milvus import MilvusStore
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -36,6 +38,14 @@ def get_models(request: Request) -> Registry:
     return request.app.state.registry
 
 
+def get_jobs(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def get_ledger(request: Request) -> JobLedger:
+    return request.app.state.ledger
+
+
 class LazyStore:
     """The Milvus store, connected on first use: the embedding routes never wait on Milvus, and
     the API starts while Milvus is still coming up."""
@@ -49,7 +59,7 @@ class LazyStore:
     async def get(self) -> MilvusStore:
         async with self._lock:
             if self._store is None:
-                from common.milvus_store import MilvusStore  # pymilvus: only when a route needs it
+                from common.store.milvus import MilvusStore  # pymilvus: only when a route needs it
 
                 try:
                     self._store = await asyncio.to_thread(MilvusStore, self._uri, changes=self._changes)
@@ -72,6 +82,8 @@ StoreDep = Annotated[LazyStore, Depends(get_store)]
 RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 RegistryDep = Annotated[Registry, Depends(get_models)]
+JobsDep = Annotated[JobStore, Depends(get_jobs)]
+LedgerDep = Annotated[JobLedger, Depends(get_ledger)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

@@ -17,8 +17,9 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from common import keys
+from common.contract import EMBED_TASK, SEARCH_QUEUE, SEARCH_TASK, embed_kwargs, embed_queue, search_kwargs
+from common.delivery.heartbeat import live_workers
 from common.errors import QueueFull, ServiceUnavailable
-from common.queues import EMBED_TASK, SEARCH_QUEUE, SEARCH_TASK, embed_queue, search_kwargs
 from common.settings import Settings
 from common.vectors import unpack
 
@@ -50,17 +51,16 @@ class Dispatcher:
         cached = self._capacity.get(queue)
         if cached and now - cached[0] < CAPACITY_TTL_S:
             return cached[1], cached[2]
-        alive_since = time.time() - self._settings.worker_heartbeat_ttl_s
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.zcount(alive_key, alive_since, "+inf")
+            live_workers(pipe, alive_key, self._settings.worker_heartbeat_ttl_s)
             pipe.llen(queue)
-            live_workers, depth = await pipe.execute()
-        self._capacity[queue] = (now, live_workers, depth)
-        return live_workers, depth
+            members, depth = await pipe.execute()
+        self._capacity[queue] = (now, len(members), depth)
+        return len(members), depth
 
     async def _check(self, queue: str, alive_key: str, served: str) -> None:
-        live_workers, depth = await self._read_capacity(queue, alive_key)
-        if not live_workers:
+        live, depth = await self._read_capacity(queue, alive_key)
+        if not live:
             raise ServiceUnavailable(f"No worker is serving {served} right now; try again later.")
         if depth >= self._settings.queue_limit:
             raise QueueFull(f"The queue for {queue} is full ({depth} waiting); retry later.")
@@ -81,7 +81,7 @@ class Dispatcher:
 
     async def embed(self, model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> Embedded:
         await self.check_capacity(model, modality)
-        kwargs = {"model": model, "modality": modality, "inputs": inputs, **options}
+        kwargs = embed_kwargs(model, modality, inputs, **options)
         return Embedded(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs))
 
     async def search_pages(self, collection: str, query: np.ndarray, top_k: int, filter: str | None) -> list[dict[str, Any]]:

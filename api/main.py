@@ -11,10 +11,10 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from common.celery_app import create_celery_app
-from common.job_tasks import JobTasks
-from common.jobs import JobStore
-from common.page_changes import PageChanges
+from common.delivery.app import create_celery_app
+from common.jobs.ledger import JobLedger
+from common.jobs.state import JobStore
+from common.store.changes import PageChanges
 from common.registry import load_registry
 from common.settings import Settings, get_settings
 
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = Dispatcher(settings, client, celery, waiter)
         app.state.waiter = waiter
         app.state.jobs = JobStore(sync_client, settings.job_ttl_s)
-        app.state.job_tasks = JobTasks(sync_client, celery, settings.job_ttl_s)
+        app.state.ledger = JobLedger(sync_client, celery, settings.job_ttl_s)
         app.state.store = LazyStore(settings.milvus_uri, PageChanges(sync_client))
         try:
             yield

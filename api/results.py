@@ -7,9 +7,9 @@ unsubscribe per request. (Each API replica hears every result; it only decodes i
 message is missed (the connection dropped and came back, say), a periodic GET of the stored result
 catches it, so no wait depends on pub/sub alone, and every wait ends at its deadline.
 
-Every `lost_task_check_s` a sweep looks for the tasks waited on since before a worker was last
-found dead (and not seen in flight since); one the broker lost with it (common.delivery) is sent
-again under its id.
+Every `lost_task_check_s` a sweep (common.delivery.lost.sweep) looks for the tasks waited on since
+before a worker was last found dead (and not seen in flight since); one the broker lost with it
+is sent again under its id.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from common import keys
-from common.delivery import find_lost, worker_died_at
+from common.delivery.lost import sweep
 from common.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class _Waiting:
 class ResultWaiter:
     def __init__(self, client: aioredis.Redis, sync_client: redis.Redis, celery: Celery, lost_task_check_s: float):
         self._client = client
-        self._sync_client = sync_client  # for common.delivery, in a thread
+        self._sync_client = sync_client  # for the sweep, in a thread
         self._backend = celery.backend
         # Results reach this process through its one pattern subscription (`start`). Celery's Redis
         # backend would also SUBSCRIBE to each sent task's channel, a blocking round trip per
@@ -127,20 +126,15 @@ class ResultWaiter:
                 log.exception("looking for lost tasks failed; trying again at the next sweep")
 
     async def resend_lost(self) -> None:
-        died_at = await asyncio.to_thread(worker_died_at, self._sync_client)
-        suspects: dict[str, list[str]] = defaultdict(list)
-        for task_id, waiting in self._waiting.items():
-            if waiting.known_at < died_at:
-                suspects[waiting.queue].append(task_id)
-        for queue, task_ids in suspects.items():
-            looked_at = time.time()
-            lost = set(await asyncio.to_thread(find_lost, self._sync_client, [queue], task_ids))
-            for task_id in task_ids:
-                waiting = self._waiting.get(task_id)
-                if waiting is None:
-                    continue
-                waiting.known_at = looked_at
-                if task_id in lost:
-                    log.warning("task %s vanished from %s with a dead worker; sending it again", task_id, queue)
-                    waiting.send()
-                    self.resent += 1
+        waiting = dict(self._waiting)
+        tracked = {task_id: w.known_at for task_id, w in waiting.items()}
+        lost, seen, looked_at = await asyncio.to_thread(sweep, self._sync_client, tracked, lambda t: [waiting[t].queue])
+        for task_id in seen:
+            if task_id in self._waiting:
+                self._waiting[task_id].known_at = looked_at
+        for task_id in lost:
+            if task_id in self._waiting:
+                log.warning("task %s vanished from %s with a dead worker; sending it again", task_id, waiting[task_id].queue)
+                self._waiting[task_id].known_at = looked_at
+                self._waiting[task_id].send()
+                self.resent += 1

@@ -25,11 +25,6 @@ class EmbeddingRequest(BaseModel):
     truncate: bool = Field(default=True, description="false: refuse over-long input with 400 instead of cutting it.")
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

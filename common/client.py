@@ -15,9 +15,9 @@ import numpy as np
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
-from .celery_app import create_celery_app
+from .contract import EMBED_TASK, SEARCH_TASK, embed_kwargs, search_kwargs
+from .delivery.app import create_celery_app
 from .errors import ServiceUnavailable
-from .queues import EMBED_TASK, SEARCH_TASK, search_kwargs
 from .settings import Settings, get_settings
 from .vectors import unpack
 
@@ -34,8 +34,7 @@ class EmbedqClient:
                **options: Any) -> AsyncResult:
         """Any inputs the task takes (`{"text"}`, `{"token_ids"}`, `{"image"}`); a worker drops the task
         unrun if it is still queued `expires` seconds from now."""
-        kwargs = {"model": model, "modality": modality, "inputs": inputs, **options}
-        return self.celery.send_task(EMBED_TASK, kwargs=kwargs, expires=expires)
+        return self.celery.send_task(EMBED_TASK, kwargs=embed_kwargs(model, modality, inputs, **options), expires=expires)
 
     def submit_texts(self, model: str, texts: list[str], *, output: str = "pooled", input_type: str = "document",
                      normalize: bool | None = None, dimensions: int | None = None, truncate: bool = True,

@@ -1,7 +1,8 @@
 """The one error hierarchy of embedq; `api.errors` maps it to HTTP statuses and OpenAI error bodies.
 
-Workers raise these inside Celery tasks; the API rebuilds them from the stored task failure by
-class name, so an error keeps its kind, message and parameter across the queue.
+Workers raise these inside Celery tasks; Celery rebuilds a stored task failure from its module
+path and class name in the waiting process, so an error keeps its kind, message and parameter
+across the queue (which is why this module's path is public).
 """
 
 from __future__ import annotations
@@ -48,12 +49,6 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
-class PayloadTooLarge(EmbedqError):
-    status = 413
-    type = "invalid_request_error"
-    code = "payload_too_large"
-
-
 class UnsupportedMediaType(EmbedqError):
     status = 415
     type = "invalid_request_error"
@@ -78,10 +73,3 @@ class BackendError(EmbedqError):
 
     code = "backend_error"
 
-
-def by_name(name: str) -> type[EmbedqError] | None:
-    """The error class called `name`, if it is one of ours (used to rebuild task failures)."""
-    found = globals().get(name)
-    if isinstance(found, type) and issubclass(found, EmbedqError):
-        return found
-    return None

@@ -52,7 +52,7 @@ def upload(job_id: str, index: int) -> str:
     return f"embedq:upload:{job_id}:{index}"
 
 
-JOBS_OPEN = "embedq:jobs:open"  # Set: ids of jobs whose tasks are watched (common.job_tasks)
+JOBS_OPEN = "embedq:jobs:open"  # Set: ids of jobs whose tasks are watched (common.jobs.ledger)
 JOBS_SWEEP_LOCK = "embedq:jobs:sweep"  # String: held by the process sweeping for lost job tasks
 
 
@@ -67,5 +67,5 @@ def job_tasks_sent(job_id: str) -> str:
 
 
 def page_changes(collection: str) -> str:
-    """Stream: a collection's page writes, document deletes and drops, in order (common.page_changes)."""
+    """Stream: a collection's page writes, document deletes and drops, in order (common.store.changes)."""
     return f"embedq:collection:{collection}:changes"

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from .errors import ModelNotFound
-from .settings import get_settings
 
 Modality = Literal["text", "image"]
 
@@ -36,6 +34,7 @@ class ModelSpec(BaseModel):
     quantization: Literal["none", "8bit", "4bit"] = "none"
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     max_num_visual_tokens: int = 768
+    _base: Path = PrivateAttr(default=Path("."))  # the models file's folder: relative paths start there
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -52,8 +51,8 @@ class ModelSpec(BaseModel):
             module, attr = self.path.removeprefix("python:").split(":")
             return str(getattr(importlib.import_module(module), attr))
         local = Path(self.path).expanduser()
-        if not local.is_absolute() and (get_settings().models_file.parent / local).exists():
-            return str(get_settings().models_file.parent / local)
+        if not local.is_absolute() and (self._base / local).exists():
+            return str(self._base / local)
         return str(local) if local.exists() else self.path
 
 
@@ -73,9 +72,7 @@ class Registry:
 
 def load_registry(path: Path) -> Registry:
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    return Registry([ModelSpec(**entry) for entry in raw.get("models", [])])
-
-
-@lru_cache
-def get_registry() -> Registry:
-    return load_registry(get_settings().models_file)
+    specs = [ModelSpec(**entry) for entry in raw.get("models", [])]
+    for spec in specs:
+        spec._base = Path(path).parent
+    return Registry(specs)

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    # Images and documents (common.images, common.documents)
+    # Images and documents (common.inputs)
     max_image_pixels: int = Field(default=50_000_000, gt=0)  # also caps a rendered PDF page
     max_images_per_request: int = Field(default=64, gt=0)
     pdf_dpi_small: int = Field(default=200, gt=0)
@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     office_timeout_s: float = Field(default=120.0, gt=0)  # LibreOffice conversion to PDF
     chunk_size: int = Field(default=1000, gt=0)  # characters
     chunk_overlap: int = Field(default=200, ge=0)
+
+    def pdf_dpi(self, page_count: int) -> int:
+        """The rendering resolution for a document of `page_count` pages."""
+        return self.pdf_dpi_large if page_count >= self.pdf_large_pages else self.pdf_dpi_small
 
 
 @lru_cache

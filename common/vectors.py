@@ -14,19 +14,6 @@ import numpy as np
 WireDtype = Literal["float32", "float16"]
 
 
-def finalize(array: np.ndarray, *, pooled: bool, normalize: bool, dimensions: int | None) -> np.ndarray:
-    """Post-process one input's output: pool token rows (mean), Matryoshka-truncate, normalize."""
-    out = np.asarray(array, dtype=np.float32)
-    if pooled and out.ndim == 2:
-        out = out.mean(axis=0)
-    if dimensions:
-        out = out[..., :dimensions]
-    if normalize:
-        norms = np.linalg.norm(out, axis=-1, keepdims=True)
-        out = out / np.maximum(norms, 1e-12)
-    return np.ascontiguousarray(out)
-
-
 def pack(arrays: Iterable[np.ndarray], dtype: WireDtype = "float32") -> dict[str, Any]:
     """Arrays -> a msgpack-friendly dict of bytes (one entry per input)."""
     arrays = [np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")) for a in arrays]
@@ -42,6 +29,3 @@ def to_base64(array: np.ndarray, dtype: WireDtype = "float32") -> str:
     """OpenAI's base64 format: the little-endian bytes of the (flattened) array."""
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
 
-
-def from_base64(text: str, dtype: WireDtype = "float32") -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<"))

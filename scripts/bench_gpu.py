@@ -62,8 +62,9 @@ import workers.backends  # noqa: E402,F401  (makes torchvision importable before
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from common.images import encode_png  # noqa: E402
+from common.inputs.images import encode_png  # noqa: E402
 from common.registry import ModelSpec  # noqa: E402
+from common.settings import Settings  # noqa: E402
 from workers.backends.base import EmbedInput, OutOfMemory, Prepared  # noqa: E402
 from workers.backends.colpali import (  # noqa: E402
     ColpaliBackend,
@@ -226,7 +227,7 @@ class InMemoryBackend(ColpaliBackend):
     """The service's backend with its model built from a config on the device, not loaded."""
 
     def __init__(self, spec: ModelSpec, device: str, config, processor):
-        super().__init__(spec, device)
+        super().__init__(spec, device, Settings())
         self._config = config
         self._processor = processor
 
@@ -535,7 +536,7 @@ def bench_model(name: str, args, opts: Options, configs: list[tuple]) -> tuple[d
                     if checkpoint is None:
                         checkpoint = tempfile.TemporaryDirectory(prefix=f"bench-{name}-", dir=args.workdir)
                         write_checkpoint(spec, args.device, config, processor, Path(checkpoint.name))
-                    backend = ColpaliBackend(run_spec.model_copy(update={"path": checkpoint.name}), args.device)
+                    backend = ColpaliBackend(run_spec.model_copy(update={"path": checkpoint.name}), args.device, Settings())
                 backend.load()
                 synchronize(device)
                 print(f"{name} {label}: loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)

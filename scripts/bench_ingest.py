@@ -25,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import procs  # noqa: E402
-from common.milvus_server import MilvusLiteServer  # noqa: E402
+from common.launch import procs  # noqa: E402
+from common.launch.milvus_lite import MilvusLiteServer  # noqa: E402
 
 MODEL = "colqwen2"
 
@@ -52,17 +52,19 @@ def make_pdf(pages: int, seed: int) -> bytes:
 def measure_ceiling(spec, pdf: bytes, threads: int) -> dict:
     import torch
 
-    from common.documents import render_pdf_pages
-    from common.images import encode_png
+    from common.inputs.documents import count_pdf_pages, render_pdf_pages
+    from common.settings import Settings
+    from common.inputs.images import encode_png
     from workers.backends import create_backend
     from workers.backends.base import EmbedInput
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    images = [image for _, image in render_pdf_pages(pdf)]
+    settings = Settings()
+    images = [image for _, image in render_pdf_pages(pdf, settings.pdf_dpi(count_pdf_pages(pdf)), settings.max_image_pixels)]
     render_s = time.perf_counter() - started
     pages = [encode_png(image) for image in images]
-    backend = create_backend(spec, "cpu")
+    backend = create_backend(spec, "cpu", settings)
     backend.load()
     backend.warmup()
     rates = {}

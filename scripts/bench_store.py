@@ -10,7 +10,7 @@ change feed carries them). Two kinds of query of `query_tokens` tokens:
 * `random`: random unit vectors, related to no page: the exhaustive top k are pages that lead the
   others by chance.
 
-Searches run as the search worker runs them (`workers.page_index.Searcher`, in this process: the
+Searches run as the search worker runs them (`workers.search.scan.Searcher`, in this process: the
 Celery hop adds 2-4 ms), once the Milvus Lite server has finished its work on the load. Reported per size: write time (upsert + flush), the searcher's load time
 and memory, search latency p50/p99, `recall@k` (the top k against the top k of exhaustive float32
 MaxSim over every stored page, in NumPy), `targets@k` (share of planted targets in the top k), and
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.cli import SEARCH_WORKER_ENV  # noqa: E402
+from common.launch.cli import SEARCH_WORKER_ENV  # noqa: E402
 
 for _name, _value in SEARCH_WORKER_ENV.items():  # as the search worker runs
     os.environ.setdefault(_name, _value)
@@ -42,11 +42,11 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
 
-from common import procs  # noqa: E402
-from common.milvus_server import MilvusLiteServer  # noqa: E402
-from common.milvus_store import MilvusStore, PageRecord  # noqa: E402
-from common.page_changes import PageChanges  # noqa: E402
-from workers.page_index import Searcher  # noqa: E402
+from common.launch import procs  # noqa: E402
+from common.launch.milvus_lite import MilvusLiteServer  # noqa: E402
+from common.store.milvus import MilvusStore, PageRecord  # noqa: E402
+from common.store.changes import PageChanges  # noqa: E402
+from workers.search.scan import Searcher  # noqa: E402
 
 WRITE_PAGES = 256
 WARMUP = 3

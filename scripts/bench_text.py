@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import procs  # noqa: E402
+from common.launch import procs  # noqa: E402
 
 MODULES = ["json", "os", "collections", "asyncio", "pathlib", "argparse", "logging", "email", "http.client",
            "unittest", "subprocess", "threading", "datetime", "decimal", "fractions", "statistics", "textwrap",
@@ -55,7 +55,7 @@ PAUSE_S = 0.01
 def measure_ceiling(model_dir: str, texts: list[str], threads: int) -> dict:
     import torch
 
-    from workers.torch_compat import ensure_torchvision
+    from workers.backends.torch_compat import ensure_torchvision
 
     ensure_torchvision()
     from sentence_transformers import SentenceTransformer

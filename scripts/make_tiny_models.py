@@ -22,7 +22,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.torch_compat import ensure_torchvision  # noqa: E402
+from workers.backends.torch_compat import ensure_torchvision  # noqa: E402
 
 ensure_torchvision()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from common import procs
-from common.milvus_server import MilvusLiteServer
+from common.launch import procs
+from common.launch.milvus_lite import MilvusLiteServer
 
 from .stack import start_api, start_worker, test_env
 
@@ -108,7 +108,7 @@ def openai_client(api_url):
 @pytest.fixture(scope="session")
 def reference_minilm():
     """sentence-transformers on the same weights: the reference our vectors must equal."""
-    from workers.torch_compat import ensure_torchvision
+    from workers.backends.torch_compat import ensure_torchvision
 
     ensure_torchvision()
     from sentence_transformers import SentenceTransformer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.milvus_store import PageRecord
+from common.store.milvus import PageRecord
 
 DIM = 128
 

@@ -11,14 +11,15 @@ from pathlib import Path
 import httpx
 import redis
 
-from common import keys, procs
+from common import keys
+from common.launch import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     handle = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "common.launch.cli", *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def _wait_alive(proc: subprocess.Popen, env: dict[str, str], key: str, since: float, log: Path, timeout: float) -> None:

@@ -10,8 +10,9 @@ import pytest
 import redis
 
 from api.dispatch import CAPACITY_TTL_S
-from common import keys, procs
-from common.queues import embed_queue
+from common import keys
+from common.launch import procs
+from common.contract import embed_queue
 
 from .conftest import MINILM
 from .stack import start_api

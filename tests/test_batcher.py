@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from workers.backends.base import OutOfMemory, Prepared
-from workers.batcher import Batcher
+from workers.model.batcher import Batcher
 
 
 def item(cost: int) -> Prepared:

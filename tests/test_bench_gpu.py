@@ -16,6 +16,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from common.settings import Settings
 from workers.backends.colpali import bound_visual_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +91,7 @@ def test_full_size_architectures_on_meta_device(name, params, visual_tokens):
     assert next(model.parameters()).device.type == "meta" and model.dtype == torch.bfloat16
 
     spec = module.ModelSpec(name=name, backend="colpali", path="-", model_class=module.MODEL_CLASSES[name])
-    backend = module.ColpaliBackend(spec, "cpu")
+    backend = module.ColpaliBackend(spec, "cpu", Settings())
     backend.processor = processor
     bound_visual_tokens(processor, spec.max_num_visual_tokens)
     page = backend.prepare(module.page_inputs(1)[0])

@@ -13,10 +13,10 @@ import redis
 from celery import Celery
 from PIL import Image
 
-from common import procs
+from common.launch import procs
 from common.client import EmbedqClient
 from common.errors import InputTooLong, ServiceUnavailable
-from common.queues import embed_queue
+from common.contract import embed_queue
 
 from .conftest import MINILM
 from .stack import start_worker

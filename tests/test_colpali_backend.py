@@ -18,6 +18,7 @@ import workers.backends  # noqa: F401  (makes torchvision importable before colp
 import colpali_engine.models as colpali_models
 from common.errors import InputTooLong, InvalidRequest
 from common.registry import ModelSpec
+from common.settings import Settings
 from tests.tiny_models import tiny_models_dir
 from workers.backends.base import EmbedInput
 from workers.backends.colpali import create, quantization_config, resolve_attention
@@ -58,7 +59,7 @@ def spec_for(name: str, **overrides) -> ModelSpec:
 
 
 def loaded_backend(name: str, **overrides):
-    backend = create(spec_for(name, **overrides), "cpu")
+    backend = create(spec_for(name, **overrides), "cpu", Settings())
     backend.load()
     return backend
 

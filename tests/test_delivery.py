@@ -1,5 +1,5 @@
 """`missing_tasks` tells a task the broker lost from one queued, held by a worker, or answered;
-`JobTasks` sends a job's lost task again, once, after a worker died, and forgets a task that
+`JobLedger` sends a job's lost task again, once, after a worker died, and forgets a task that
 reported; a heartbeat that drops a silent worker records the death."""
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import msgpack
 import pytest
 import redis
 
-from common.celery_app import create_celery_app
-from common import heartbeat, keys
-from common.delivery import UNACKED_KEY, missing_tasks, queue_lists
-from common.job_tasks import JobTasks
-from common.jobs import JobStore, UploadedFile
+from common.delivery.app import create_celery_app
+from common import keys
+from common.delivery import heartbeat
+from common.delivery.lost import UNACKED_KEY, missing_tasks, queue_lists
+from common.jobs.ledger import JobLedger
+from common.jobs.state import JobStore, UploadedFile
 from common.keys import result_channel
-from common.queues import EMBED_TASK, INDEX_PAGES_TASK, embed_queue
+from common.contract import EMBED_TASK, INDEX_PAGES_TASK, embed_queue
 from common.settings import Settings
 
 MODEL = "delivery-probe"
@@ -59,7 +60,7 @@ def own_db(redis_server):
 def test_a_job_task_the_broker_lost_is_sent_again_once(own_db):
     client = redis.Redis.from_url(own_db)
     celery = create_celery_app(Settings(redis_url=own_db))
-    tasks = JobTasks(client, celery, ttl_s=600)
+    tasks = JobLedger(client, celery, ttl_s=600)
     job_id = JobStore(client, 600).create("pages", MODEL, [UploadedFile("a.pdf", None, b"%PDF", {}, "doc")])
     queue = embed_queue(MODEL, "image")
     kwargs = {"job_id": job_id, "model": MODEL, "pages": [{"page": 1, "image": b"\x89PNG" * 1000}]}

@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from common.documents import (
+from common.errors import EmbedqError, InvalidRequest, UnsupportedMediaType
+from common.inputs.documents import (
     chunk_text,
     convert_office_to_pdf,
     count_pdf_pages,
     decode_text,
-    detect_kind,
     parse_jsonl,
     render_pdf_pages,
 )
-from common.errors import EmbedqError, InvalidRequest, UnsupportedMediaType
-from common.settings import get_settings
+from common.inputs.kinds import detect_kind
+from common.settings import Settings
+
+DEFAULTS = Settings()
 
 COLORS = [(255, 0, 0), (0, 128, 0), (0, 0, 255)]
 PAGE_POINTS = (144, 72)  # a 2 x 1 inch page: Pillow writes one pixel a point at its default 72 dpi
@@ -32,19 +34,6 @@ def make_pdf(pages: int) -> bytes:
     buffer = io.BytesIO()
     images[0].save(buffer, "PDF", save_all=True, append_images=images[1:])
     return buffer.getvalue()
-
-
-@pytest.fixture
-def settings(monkeypatch):
-    """Call with NAME=value to run the test under those settings (EMBEDQ_NAME variables)."""
-
-    def configure(**values):
-        for name, value in values.items():
-            monkeypatch.setenv(f"EMBEDQ_{name.upper()}", str(value))
-        get_settings.cache_clear()
-
-    yield configure
-    get_settings.cache_clear()
 
 
 def refusal(kind: type[EmbedqError], call, *args) -> str:
@@ -108,7 +97,7 @@ def test_unsupported_kinds_are_415(filename, content_type, head):
 def test_pdf_pages_are_counted_and_rendered_at_the_policy_dpi(pages, dpi):
     data = make_pdf(pages)
     assert count_pdf_pages(data) == pages
-    rendered = list(render_pdf_pages(data))
+    rendered = list(render_pdf_pages(data, DEFAULTS.pdf_dpi(pages), DEFAULTS.max_image_pixels))
     assert [index for index, _ in rendered] == list(range(pages))
     expected_size = (PAGE_POINTS[0] * dpi // 72, PAGE_POINTS[1] * dpi // 72)
     for index, image in rendered[:3]:
@@ -118,15 +107,14 @@ def test_pdf_pages_are_counted_and_rendered_at_the_policy_dpi(pages, dpi):
 
 
 def test_pdf_pages_render_one_at_a_time_and_slice():
-    pages = render_pdf_pages(make_pdf(4), dpi=72, start=1, stop=10)
+    pages = render_pdf_pages(make_pdf(4), 72, DEFAULTS.max_image_pixels, start=1, stop=10)
     index, image = next(pages)  # a generator: nothing past page 2 is rendered yet
     assert (index, image.size) == (1, PAGE_POINTS)
     assert [index for index, _ in pages] == [2, 3]
 
 
-def test_a_page_too_large_for_the_pixel_limit_renders_smaller(settings):
-    settings(max_image_pixels=10_000)  # the page at 200 dpi would be 400 x 200
-    [(_, image)] = render_pdf_pages(make_pdf(1))
+def test_a_page_too_large_for_the_pixel_limit_renders_smaller():
+    [(_, image)] = render_pdf_pages(make_pdf(1), 200, 10_000)  # the page at 200 dpi would be 400 x 200
     assert image.width * image.height <= 10_000 * 1.02
     assert abs(image.width / image.height - 2) < 0.05
 
@@ -143,7 +131,7 @@ def test_corrupt_pdf_is_a_400_when_opened(data):
         == "the PDF could not be opened: Failed to load document (PDFium: Data format error)."
     )
     # refused at the call, before any page is asked for
-    assert refusal(InvalidRequest, render_pdf_pages, data) == message
+    assert refusal(InvalidRequest, render_pdf_pages, data, 200, DEFAULTS.max_image_pixels) == message
 
 
 # Office documents (a fake soffice stands in for LibreOffice, which these machines lack)
@@ -158,7 +146,7 @@ def fake_soffice(folder, body: str) -> None:
 
 def test_office_file_without_soffice_is_415(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    message = refusal(UnsupportedMediaType, convert_office_to_pdf, ZIP, "deck.pptx")
+    message = refusal(UnsupportedMediaType, convert_office_to_pdf, ZIP, "deck.pptx", 60)
     assert ".pptx files to PDF needs LibreOffice (soffice) on the PATH" in message
 
 
@@ -171,7 +159,7 @@ def test_office_file_converts_through_soffice(monkeypatch, tmp_path):
         f'name=$(basename "$arg"); cp {tmp_path}/converted.pdf "$out/${{name%.*}}.pdf"\n',
     )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    assert count_pdf_pages(convert_office_to_pdf(b"docx bytes", "report.docx")) == 2
+    assert count_pdf_pages(convert_office_to_pdf(b"docx bytes", "report.docx", 60)) == 2
     args = (tmp_path / "args").read_text()
     assert (
         "--headless" in args
@@ -184,16 +172,15 @@ def test_office_file_converts_through_soffice(monkeypatch, tmp_path):
 def test_office_conversion_failure_is_a_400(monkeypatch, tmp_path):
     fake_soffice(tmp_path / "bin", "echo 'Error: source file could not be loaded'\nexit 1\n")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    message = refusal(InvalidRequest, convert_office_to_pdf, b"junk", "broken.docx")
+    message = refusal(InvalidRequest, convert_office_to_pdf, b"junk", "broken.docx", 60)
     assert message.endswith("convert 'broken.docx' to PDF: Error: source file could not be loaded")
 
 
-def test_office_conversion_timeout_kills_soffice_and_its_children(monkeypatch, tmp_path, settings):
+def test_office_conversion_timeout_kills_soffice_and_its_children(monkeypatch, tmp_path):
     fake_soffice(tmp_path / "bin", f"sleep 30 &\necho $! > {tmp_path}/child\nwait\n")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    settings(office_timeout_s=0.5)
     started = time.monotonic()
-    message = refusal(InvalidRequest, convert_office_to_pdf, b"slow", "slow.pptx")
+    message = refusal(InvalidRequest, convert_office_to_pdf, b"slow", "slow.pptx", 0.5)
     assert message == "LibreOffice took longer than 0.5s to convert 'slow.pptx'"
     assert time.monotonic() - started < 5
     child = Path(f"/proc/{(tmp_path / 'child').read_text().strip()}/stat")

@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
-from common import procs
-from common.flower import is_loopback
-from common.queues import embed_queue
+from common.launch import procs
+from common.launch.flower import is_loopback
+from common.contract import embed_queue
 
 from .conftest import MINILM, ROOT
 
@@ -21,7 +21,7 @@ def flower_url(stack_env, minilm_worker, logs):
     port = procs.free_port()
     with open(logs / "flower.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", f"from common.flower import run_flower; run_flower(port={port})"],
+            [sys.executable, "-c", f"from common.launch.flower import run_flower; run_flower(port={port})"],
             env=stack_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
     try:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from common.errors import InvalidRequest
-from common.images import decode_image_input, encode_png, load_image, validate_image
+from common.inputs.images import decode_image_input, encode_png, load_image, validate_image
 
 LIMIT = 1_000_000
 

@@ -17,12 +17,13 @@ from PIL import Image, ImageDraw
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from colpali_engine.models import ColQwen2Processor
-from common import keys, procs
+from common import keys
+from common.launch import procs
 from common.client import EmbedqClient
 from common.errors import InvalidRequest, NotFound
-from common.documents import render_pdf_pages
-from common.images import encode_png
-from common.queues import embed_queue
+from common.inputs.documents import render_pdf_pages
+from common.inputs.images import encode_png
+from common.contract import embed_queue
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM
@@ -160,7 +161,7 @@ def test_pdf_upload_progress_over_sse_then_search(ingest_api):
     # stores (float16), for the query's own token vectors.
     query = httpx.post(f"{base}/v1/embeddings/text", json={"model": PAGES_MODEL, "input": "page 3 revenue"}).json()
     query_vectors = torch.tensor(query["data"][0]["embedding"])
-    pages = [encode_png(image) for _, image in render_pdf_pages(pdf)]
+    pages = [encode_png(image) for _, image in render_pdf_pages(pdf, 200, 50_000_000)]
     import base64
 
     stored = httpx.post(

@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.main import create_app
 from api.metrics import RequestMetrics
-from common import keys, procs
-from common.queues import embed_queue
+from common import keys
+from common.launch import procs
+from common.contract import embed_queue
 from common.settings import Settings
 
 TEXT_MODEL = "mini"

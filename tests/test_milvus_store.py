@@ -1,4 +1,4 @@
-"""The Milvus store against a real Milvus Lite server (started by `common.milvus_server`)."""
+"""The Milvus store against a real Milvus Lite server (started by `common.launch.milvus_lite`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from common import procs
+from common.launch import procs
 from common.errors import InvalidRequest, NotFound
-from common.milvus_server import MilvusLiteServer
-from common.milvus_store import ChunkRecord, MilvusStore, PageRecord
+from common.launch.milvus_lite import MilvusLiteServer
+from common.store.milvus import ChunkRecord, MilvusStore, PageRecord
 
 from .pages import DIM, make_pages, page_collection, unit
 

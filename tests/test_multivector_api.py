@@ -16,7 +16,7 @@ from PIL import Image
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 import colpali_engine.models as colpali_models
-from common import procs
+from common.launch import procs
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM

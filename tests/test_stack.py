@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common import procs
+from common.launch import procs
 
 from .conftest import MINILM
 from .stack import ROOT
@@ -38,7 +38,7 @@ def test_up_brings_its_own_parts_and_stops_them(models_file, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
     env.update(EMBEDQ_PORT=str(port), EMBEDQ_VAR_DIR=str(tmp_path / "var"), EMBEDQ_MODELS_FILE=str(models_file),
                EMBEDQ_CPU_THREADS="1", HF_HUB_OFFLINE="1")
-    stack = subprocess.Popen([sys.executable, "-m", "common.cli", "up"], env=env, cwd=ROOT,
+    stack = subprocess.Popen([sys.executable, "-m", "common.launch.cli", "up"], env=env, cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()

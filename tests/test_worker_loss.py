@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import redis
 
-from common import procs
-from common.delivery import UNACKED_KEY, queue_lists
-from common.queues import embed_queue
+from common.launch import procs
+from common.delivery.lost import UNACKED_KEY, queue_lists
+from common.contract import embed_queue
 
 from .stack import start_api, start_worker
 

@@ -1,1 +1,3 @@
-"""embedq package."""
+"""The worker processes: model workers (`model`), the CPU ingestion worker (`ingest`), the page
+search worker (`search`), the model backends they load (`backends`), and how each starts
+(`start`)."""

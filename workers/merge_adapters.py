@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 from .backends.colpali import FAMILIES, colpali_classes
 from .backends.device import resolve_dtype
@@ -34,6 +33,8 @@ def model_class_for(checkpoint: Path) -> str:
 def merge_adapters(base: Path, adapter: Path, out: Path, dtype: str = "auto") -> Path:
     """Load `base` in `dtype` (`auto`: the checkpoint's own), merge the LoRA `adapter` into it and
     save the result with the processor files to `out`; the adapter's processor files win."""
+    from peft import PeftModel  # after workers.backends has made torchvision importable
+
     base, adapter, out = Path(base), Path(adapter), Path(out)
     model_cls, _ = colpali_classes(model_class_for(base))
     torch_dtype = "auto" if dtype == "auto" else resolve_dtype(dtype, torch.device("cpu"))

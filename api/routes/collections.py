@@ -13,12 +13,12 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
-from common.documents import detect_kind
+from common.inputs.kinds import detect_kind
 from common.errors import InvalidRequest, NotFound, UnsupportedMediaType
-from common.jobs import UploadedFile
-from common.queues import INGEST_TASK
+from common.jobs.state import UploadedFile
+from common.contract import INGEST_TASK
 
-from ..deps import Authorized, DispatcherDep, LazyStore, RegistryDep, StoreDep
+from ..deps import Authorized, DispatcherDep, JobsDep, LazyStore, LedgerDep, RegistryDep, StoreDep
 from ..responses import json_response
 from ..schemas import CollectionCreate, SearchRequest
 
@@ -105,7 +105,7 @@ def _check_kind(upload: UploadFile, data: bytes, collection: dict[str, Any]) -> 
 
 
 @router.post("/{name}/documents", status_code=202, summary="Upload files; returns a job to poll or stream")
-async def upload_documents(name: str, request: Request, store: StoreDep) -> Response:
+async def upload_documents(name: str, request: Request, store: StoreDep, jobs: JobsDep, ledger: LedgerDep) -> Response:
     collection = await _describe(store, name)
     form = await request.form()
     uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
@@ -119,11 +119,9 @@ async def upload_documents(name: str, request: Request, store: StoreDep) -> Resp
         _check_kind(upload, data, collection)
         doc_id = str(meta.pop("doc_id", "")) or hashlib.sha256(data).hexdigest()[:16]
         files.append(UploadedFile(upload.filename or f"file{len(files)}", upload.content_type, data, meta, doc_id))
-    jobs = request.app.state.jobs
     job_id = await asyncio.to_thread(jobs.create, name, collection["model"], files)
-    job_tasks = request.app.state.job_tasks
     for index, file in enumerate(files):
-        await asyncio.to_thread(job_tasks.send, job_id, INGEST_TASK, {
+        await asyncio.to_thread(ledger.send, job_id, INGEST_TASK, {
             "job_id": job_id, "index": index, "collection": name, "model": collection["model"],
             "content_type": file.content_type})
     return json_response(await asyncio.to_thread(jobs.get, job_id), 202)

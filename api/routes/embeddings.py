@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Response
 
 from common.errors import InvalidRequest
+from common.inputs.text import text_inputs
 from common.registry import ModelSpec
 
 from ..deps import Authorized, DispatcherDep, RegistryDep, SettingsDep
@@ -14,29 +13,6 @@ from ..responses import embedding_list
 from ..schemas import EmbeddingRequest
 
 router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=Authorized)
-
-
-def check_count(items: list, max_items: int, param: str) -> None:
-    if not items:
-        raise InvalidRequest(f"'{param}' must not be empty.", param)
-    if len(items) > max_items:
-        raise InvalidRequest(f"'{param}' has {len(items)} items; at most {max_items} are allowed per request.", param)
-
-
-def text_inputs(raw: Any, max_inputs: int) -> list[dict[str, Any]]:
-    """OpenAI's four input shapes -> one `{"text"}` or `{"token_ids"}` entry per input."""
-    if isinstance(raw, str):
-        raw = [raw]
-    check_count(raw, max_inputs, "input")
-    if isinstance(raw[0], int):
-        raw = [raw]
-    if isinstance(raw[0], str):
-        if any(text == "" for text in raw):
-            raise InvalidRequest("'input' must not contain empty strings.", "input")
-        return [{"text": text} for text in raw]
-    if any(len(ids) == 0 for ids in raw):
-        raise InvalidRequest("'input' must not contain empty token lists.", "input")
-    return [{"token_ids": ids} for ids in raw]
 
 
 def check_dimensions(spec: ModelSpec, dimensions: int | None) -> None:

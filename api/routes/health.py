@@ -4,12 +4,11 @@ ingestion and search workers, which uploads and page searches need). Never behin
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from common import keys
+from common.delivery.heartbeat import live_workers
 
 from ..deps import RedisDep, RegistryDep, SettingsDep
 
@@ -27,12 +26,10 @@ async def ready(client: RedisDep, registry: RegistryDep, settings: SettingsDep) 
     wanted = [(spec.name, modality) for spec in registry for modality in spec.modalities]
     try:
         async with client.pipeline(transaction=False) as pipe:
-            since = time.time() - settings.worker_heartbeat_ttl_s
-            for model, modality in wanted:
-                pipe.zcount(keys.workers_alive(model, modality), since, "+inf")
-            pipe.zcount(keys.INGEST_WORKERS_ALIVE, since, "+inf")
-            pipe.zcount(keys.SEARCH_WORKERS_ALIVE, since, "+inf")
-            *counts, ingest_workers, search_workers = await pipe.execute()
+            for key in [*(keys.workers_alive(model, modality) for model, modality in wanted),
+                        keys.INGEST_WORKERS_ALIVE, keys.SEARCH_WORKERS_ALIVE]:
+                live_workers(pipe, key, settings.worker_heartbeat_ttl_s)
+            *counts, ingest_workers, search_workers = map(len, await pipe.execute())
     except Exception as exc:
         return JSONResponse({"status": "unavailable", "redis": f"error: {exc}"}, 503)
     workers = {f"{model}/{modality}": count for (model, modality), count in zip(wanted, counts)}

@@ -8,7 +8,6 @@ numbers are Redis' own and nothing is kept between scrapes.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,7 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from redis import RedisError
 
 from common import keys
-from common.queues import embed_queue
+from common.contract import embed_queue
+from common.delivery.heartbeat import live_workers
 from common.registry import Registry
 from common.settings import Settings
 
@@ -69,11 +69,10 @@ class RedisReading:
 
 async def read_redis(client: aioredis.Redis, registry: Registry, settings: Settings) -> RedisReading:
     served = [(spec.name, modality) for spec in registry for modality in spec.modalities]
-    alive_since = time.time() - settings.worker_heartbeat_ttl_s
     async with client.pipeline(transaction=False) as pipe:
         for model, modality in served:
             pipe.llen(embed_queue(model, modality))
-            pipe.zrangebyscore(keys.workers_alive(model, modality), alive_since, "+inf")
+            live_workers(pipe, keys.workers_alive(model, modality), settings.worker_heartbeat_ttl_s)
         replies = await pipe.execute()
     depths, alive = replies[0::2], replies[1::2]
     # Live workers come from the heartbeat sets, not from a SCAN for stats hashes: a SCAN walks the

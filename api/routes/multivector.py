@@ -9,14 +9,14 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from common.errors import InvalidRequest
-from common.images import decode_image_input, validate_image
+from common.inputs.images import decode_image_input, validate_image
+from common.inputs.text import check_count, text_inputs
 from common.registry import ModelSpec
 from common.settings import Settings
 
 from ..deps import Authorized, DispatcherDep, RegistryDep, SettingsDep
 from ..responses import embedding_list
 from ..schemas import ImageEmbeddingRequest, TextEmbeddingRequest, _LateInteractionOptions
-from .embeddings import check_count
 
 router = APIRouter(prefix="/v1/embeddings", tags=["late-interaction"], dependencies=Authorized)
 
@@ -37,13 +37,8 @@ async def _embed(dispatcher, spec: ModelSpec, modality: str, inputs: list[dict[s
 @router.post("/text", summary="Embed queries or text passages (pooled or multi-vector)")
 async def embed_text(body: TextEmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep) -> Response:
     spec = registry.get(body.model)
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    check_count(texts, settings.max_inputs, "input")
-    if any(text == "" for text in texts):
-        raise InvalidRequest("'input' must not contain empty strings.", "input")
-    return await _embed(
-        dispatcher, spec, "text", [{"text": t} for t in texts], body, input_type=body.input_type, truncate=body.truncate
-    )
+    inputs = text_inputs(body.input, settings.max_inputs)
+    return await _embed(dispatcher, spec, "text", inputs, body, input_type=body.input_type, truncate=body.truncate)
 
 
 def _image_inputs(images: list[bytes], settings: Settings) -> list[dict[str, Any]]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 
 from common.registry import ModelSpec
+from common.settings import Settings
 
-from ..torch_compat import ensure_torchvision
+from .torch_compat import ensure_torchvision
 from .base import Backend
 
 ensure_torchvision()  # transformers and colpali-engine import torchvision
@@ -14,7 +15,7 @@ ensure_torchvision()  # transformers and colpali-engine import torchvision
 _MODULES = {"text": "workers.backends.text", "colpali": "workers.backends.colpali"}
 
 
-def create_backend(spec: ModelSpec, device: str) -> Backend:
+def create_backend(spec: ModelSpec, device: str, settings: Settings) -> Backend:
     """The backend named by `spec.backend`, not yet loaded."""
     module = importlib.import_module(_MODULES[spec.backend])
-    return module.create(spec, device)
+    return module.create(spec, device, settings)

@@ -1,10 +1,12 @@
-"""The narrow seam between the batcher and a model: inputs in, numpy arrays out.
+"""The backend contract, the narrow seam between the batcher and a model: inputs in, numpy arrays
+out.
 
 No torch type crosses it. A backend knows nothing of queues; the batcher knows nothing of models.
 The three phases follow Infinity's contract: `prepare` runs on the CPU for one input (tokenize,
 decode an image) and says what it costs; `embed` runs one forward pass over a batch of prepared
 inputs and returns one float32 array per input: shape `(dim,)` for a pooled vector or
-`(n_tokens, dim)` for late-interaction token vectors (valid rows only).
+`(n_tokens, dim)` for late-interaction token vectors (valid rows only); `finalize`, shared by all
+backends, post-processes one input's output as its request asks.
 """
 
 from __future__ import annotations
@@ -55,3 +57,16 @@ class Backend(Protocol):
         ...
 
     def embed(self, batch: Sequence[Prepared]) -> list[np.ndarray]: ...
+
+
+def finalize(array: np.ndarray, *, pooled: bool, normalize: bool, dimensions: int | None) -> np.ndarray:
+    """Post-process one input's output: pool token rows (mean), Matryoshka-truncate, normalize."""
+    out = np.asarray(array, dtype=np.float32)
+    if pooled and out.ndim == 2:
+        out = out.mean(axis=0)
+    if dimensions:
+        out = out[..., :dimensions]
+    if normalize:
+        norms = np.linalg.norm(out, axis=-1, keepdims=True)
+        out = out / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(out)

@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.errors import InputTooLong, InvalidRequest, ServiceUnavailable
-from common.images import load_image
+from common.errors import InputTooLong, ServiceUnavailable
+from common.inputs.images import load_image
+from common.inputs.text import check_token_ids, too_long
 from common.registry import ModelSpec
-from common.settings import get_settings
+from common.settings import Settings
 
 from .base import EmbedInput, Prepared
 from .device import oom_as_out_of_memory, resolve_device, resolve_dtype
@@ -134,8 +135,9 @@ def collate(features: Sequence[dict[str, np.ndarray]], pad_id: int, left: bool) 
 
 
 class ColpaliBackend:
-    def __init__(self, spec: ModelSpec, device: str):
+    def __init__(self, spec: ModelSpec, device: str, settings: Settings):
         self.spec = spec
+        self.settings = settings
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
         self.attention = resolve_attention(spec.attention, self.device)
@@ -165,14 +167,14 @@ class ColpaliBackend:
             if self._processors is None:
                 self._processors = queue.Queue()
                 self._processors.put(self.processor)
-                for _ in range(max(get_settings().cpu_threads, 1) - 1):
+                for _ in range(max(self.settings.cpu_threads, 1) - 1):
                     self._processors.put(copy.deepcopy(self.processor))
             return self._processors
 
     @contextlib.contextmanager
     def _borrow_processor(self) -> Iterator:
         pool = self._processor_pool()
-        timeout = get_settings().request_timeout_s
+        timeout = self.settings.request_timeout_s
         try:
             processor = pool.get(timeout=timeout)
         except queue.Empty:
@@ -190,7 +192,7 @@ class ColpaliBackend:
 
     def prepare(self, item: EmbedInput) -> Prepared:
         if item.modality == "image":
-            image = load_image(item.image, get_settings().max_image_pixels)
+            image = load_image(item.image, self.settings.max_image_pixels)
             with self._borrow_processor() as processor:
                 features = processor.process_images([image])
             n_tokens = int((features["input_ids"] == self.processor.image_token_id).sum())
@@ -205,8 +207,7 @@ class ColpaliBackend:
     def _process_text(self, processor, item: EmbedInput):
         tokenizer = processor.tokenizer
         if item.token_ids is not None:
-            if any(not 0 <= t < len(tokenizer) for t in item.token_ids):
-                raise InvalidRequest(f"Token ids must be in [0, {len(tokenizer)}).", "input")
+            check_token_ids(item.token_ids, len(tokenizer))
             text = tokenizer.decode(item.token_ids)
         else:
             text = item.text or ""
@@ -216,11 +217,7 @@ class ColpaliBackend:
         if n_tokens <= self.spec.max_input_tokens:
             return features
         if not item.truncate:
-            raise InputTooLong(
-                f"An input has {n_tokens} tokens, over this model's limit of {self.spec.max_input_tokens} "
-                "(send truncate: true to cut it instead).",
-                "input",
-            )
+            raise too_long(n_tokens, self.spec.max_input_tokens)
         # Cut the text itself, so the processor's prefix and query augmentation tokens stay whole;
         # a decoded token prefix may re-tokenize a little longer, hence the loop.
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -257,5 +254,5 @@ class ColpaliBackend:
         return np.split(rows, np.cumsum(mask.sum(dim=1).tolist())[:-1])
 
 
-def create(spec: ModelSpec, device: str) -> ColpaliBackend:
-    return ColpaliBackend(spec, device)
+def create(spec: ModelSpec, device: str, settings: Settings) -> ColpaliBackend:
+    return ColpaliBackend(spec, device, settings)

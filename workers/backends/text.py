@@ -14,15 +14,16 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from common.errors import InputTooLong, InvalidRequest
+from common.inputs.text import check_token_ids, too_long
 from common.registry import ModelSpec
+from common.settings import Settings
 
 from .base import EmbedInput, Prepared
 from .device import oom_as_out_of_memory, resolve_device, resolve_dtype
 
 
 class TextBackend:
-    def __init__(self, spec: ModelSpec, device: str):
+    def __init__(self, spec: ModelSpec, device: str, settings: Settings):
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
@@ -50,8 +51,7 @@ class TextBackend:
     def prepare(self, item: EmbedInput) -> Prepared:
         if item.token_ids is not None:
             ids = list(item.token_ids)
-            if any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
-                raise InvalidRequest(f"Token ids must be in [0, {self.tokenizer.vocab_size}).", "input")
+            check_token_ids(ids, self.tokenizer.vocab_size)
             if len(ids) > self.max_tokens:
                 self._refuse_if_strict(item, len(ids))
                 ids = ids[: self.max_tokens]
@@ -66,11 +66,7 @@ class TextBackend:
 
     def _refuse_if_strict(self, item: EmbedInput, n_tokens: int) -> None:
         if not item.truncate:
-            raise InputTooLong(
-                f"An input has {n_tokens} tokens, over this model's limit of {self.max_tokens} "
-                "(send truncate: true to cut it instead).",
-                "input",
-            )
+            raise too_long(n_tokens, self.max_tokens)
 
     def embed(self, batch: Sequence[Prepared]) -> list[np.ndarray]:
         lengths = torch.tensor([len(p.payload) for p in batch])
@@ -92,5 +88,5 @@ class TextBackend:
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
-def create(spec: ModelSpec, device: str) -> TextBackend:
-    return TextBackend(spec, device)
+def create(spec: ModelSpec, device: str, settings: Settings) -> TextBackend:
+    return TextBackend(spec, device, settings)

@@ -1,7 +1,9 @@
-"""The `embedq` command line. Heavy imports stay inside the commands that need them."""
+"""The `embedq` command line. Each command starts one kind of process, named by its import string,
+so that this module imports neither the API nor the workers, and a process loads only its own."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -17,6 +19,12 @@ app = typer.Typer(help="embedq: queue-driven embedding service.", no_args_is_hel
 # (libgomp's default) and OpenBLAS threads for the small rerank product took those cores: a search
 # at 3k pages took 99 ms instead of 64.
 SEARCH_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def _start(target: str, *args: object) -> None:
+    """Call `module:function` with `args`."""
+    module, _, function = target.partition(":")
+    getattr(importlib.import_module(module), function)(*args)
 
 
 def _worker_logging() -> None:
@@ -38,7 +46,7 @@ def api(host: Optional[str] = None, port: Optional[int] = None) -> None:
     """Serve the HTTP API."""
     import uvicorn
 
-    from .settings import get_settings
+    from ..settings import get_settings
 
     settings = get_settings()
     uvicorn.run(
@@ -59,18 +67,14 @@ def worker(
 ) -> None:
     """Run a GPU-pinned (or CPU) worker for one model."""
     _worker_logging()
-    from workers.main import run_worker
-
-    run_worker(model, device, modality)
+    _start("workers.start:model_worker", model, device, modality)
 
 
 @app.command("ingest-worker")
 def ingest_worker() -> None:
     """Run the CPU worker that renders uploaded documents into pages and chunks."""
     _worker_logging()
-    from workers.main import run_ingest_worker
-
-    run_ingest_worker()
+    _start("workers.start:ingest_worker")
 
 
 @app.command("search-worker")
@@ -79,9 +83,7 @@ def search_worker() -> None:
     for name, value in SEARCH_WORKER_ENV.items():
         os.environ.setdefault(name, value)
     _worker_logging()
-    from workers.main import run_search_worker
-
-    run_search_worker()
+    _start("workers.start:search_worker")
 
 
 @app.command()
@@ -103,19 +105,17 @@ def merge_adapters(
     dtype: str = typer.Option("auto", help="bf16, fp16, fp32, or auto (the checkpoint's own)."),
 ) -> None:
     """Merge a LoRA adapter into its base model; serve the result like any checkpoint."""
-    import workers.backends  # noqa: F401  (makes torchvision importable before peft)
-    from workers.merge_adapters import merge_adapters as merge
-
-    merge(base, adapter, out, dtype)
+    _start("workers.merge_adapters:merge_adapters", base, adapter, out, dtype)
     typer.echo(f"merged checkpoint saved to {out}")
 
 
 @app.command()
 def models() -> None:
     """List the served models."""
-    from .registry import get_registry
+    from ..registry import load_registry
+    from ..settings import get_settings
 
-    for spec in get_registry():
+    for spec in load_registry(get_settings().models_file):
         typer.echo(f"{spec.name}\t{spec.backend}\t{','.join(spec.modalities)}\t{spec.path}")
 
 

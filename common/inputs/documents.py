@@ -1,8 +1,8 @@
 """Uploaded files into what the models take: PDF and office pages as images, text as chunks.
 
-`detect_kind` sorts an upload (415 for what we do not take); PDFs render lazily, page by page, so
-pages can flow to the GPU in batches while the rest still renders; office documents become PDFs
-through LibreOffice; text is split into overlapping chunks; JSONL gives one record a line.
+PDFs render lazily, page by page, so pages can flow to the GPU in batches while the rest still
+renders; office documents become PDFs through LibreOffice; text is split into overlapping chunks;
+JSONL gives one record a line. Only the ingestion worker loads this module (and PDFium with it).
 """
 
 from __future__ import annotations
@@ -20,98 +20,15 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 import pypdfium2 as pdfium
 from PIL import Image
 
-from .errors import InvalidRequest, UnsupportedMediaType
-from .settings import get_settings
+from ..errors import InvalidRequest, UnsupportedMediaType
+from .kinds import OFFICE_EXTENSIONS, PARAM
 
-PARAM = "file"
-DocumentKind = Literal["pdf", "image", "text", "jsonl", "office"]
-
-# Content signatures, trusted over the name and the content type the client sent.
-_SIGNATURES: tuple[tuple[re.Pattern[bytes], DocumentKind], ...] = tuple(
-    (re.compile(pattern, re.DOTALL), kind)
-    for pattern, kind in (
-        (rb"%PDF-", "pdf"),
-        (rb"\x89PNG\r\n\x1a\n", "image"),
-        (rb"\xff\xd8\xff", "image"),
-        (rb"GIF8[79]a", "image"),
-        (rb"RIFF.{4}WEBP", "image"),
-        (rb"BM.{4}\x00\x00\x00\x00", "image"),
-        (rb"II\*\x00|MM\x00\*", "image"),
-        (rb"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "office"),  # OLE2: .doc, .ppt, .xls
-        (rb"\{\\rtf", "office"),
-    )
-)
-_ZIP = b"PK\x03\x04"  # DOCX, PPTX, XLSX and OpenDocument files are zip archives
-_OFFICE_EXTENSIONS = frozenset(
-    {".doc", ".docx", ".ppt", ".pptx", ".xls", ".xlsx", ".odt", ".odp", ".ods", ".rtf"}
-)
-_EXTENSIONS: dict[str, DocumentKind] = {
-    ".pdf": "pdf",
-    **dict.fromkeys((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"), "image"),
-    **dict.fromkeys((".txt", ".md", ".markdown"), "text"),
-    **dict.fromkeys((".jsonl", ".ndjson"), "jsonl"),
-    **dict.fromkeys(_OFFICE_EXTENSIONS, "office"),
-}
-_CONTENT_TYPES: dict[str, DocumentKind] = {
-    "application/pdf": "pdf",
-    **dict.fromkeys(
-        ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff"), "image"
-    ),
-    **dict.fromkeys(("text/plain", "text/markdown"), "text"),
-    **dict.fromkeys(
-        ("application/jsonl", "application/x-ndjson", "application/x-jsonlines"), "jsonl"
-    ),
-    **dict.fromkeys(
-        (
-            "application/msword",
-            "application/vnd.ms-powerpoint",
-            "application/vnd.ms-excel",
-            "application/rtf",
-            "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
-            "application/vnd.openxmlformats-officedocument.presentationml.presentation",
-            "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
-            "application/vnd.oasis.opendocument.text",
-            "application/vnd.oasis.opendocument.presentation",
-            "application/vnd.oasis.opendocument.spreadsheet",
-        ),
-        "office",
-    ),
-}
-_ACCEPTED = (
-    "send a PDF, an image (PNG, JPEG, WEBP, GIF, BMP, TIFF), an office document "
-    "(DOCX, PPTX, XLSX, ODT, ...), text (.txt, .md) or JSONL (.jsonl)"
-)
-
-# PDFium is not thread-safe, and the API may open PDFs from several threads at once.
+# PDFium is not thread-safe: one document at a time in a process.
 _PDFIUM_LOCK = threading.Lock()
-
-
-def detect_kind(filename: str | None, content_type: str | None, head: bytes) -> DocumentKind:
-    """What an upload is, from its first bytes (a few KiB), else its name, else its content type."""
-    extension = Path(filename or "").suffix.lower()
-    media_type = (content_type or "").split(";", 1)[0].strip().lower()
-    claimed = _EXTENSIONS.get(extension) or _CONTENT_TYPES.get(media_type)
-    for signature, kind in _SIGNATURES:
-        if signature.match(head):
-            return kind
-    # Otherwise trust the claim, except a zip archive's claim to be anything but office.
-    if claimed == "office" or (claimed is not None and not head.startswith(_ZIP)):
-        return claimed
-    described = f"{filename!r}" + (f" ({media_type})" if media_type else "")
-    raise UnsupportedMediaType(f"unsupported file type for {described}; {_ACCEPTED}", PARAM)
-
-
-def pdf_dpi(page_count: int) -> int:
-    """The rendering resolution for a document of `page_count` pages."""
-    settings = get_settings()
-    return (
-        settings.pdf_dpi_large if page_count >= settings.pdf_large_pages else settings.pdf_dpi_small
-    )
 
 
 def count_pdf_pages(data: bytes) -> int:
@@ -125,23 +42,23 @@ def count_pdf_pages(data: bytes) -> int:
 
 
 def render_pdf_pages(
-    data: bytes, dpi: int | None = None, start: int = 0, stop: int | None = None
+    data: bytes, dpi: int, max_pixels: int, start: int = 0, stop: int | None = None
 ) -> Iterator[tuple[int, Image.Image]]:
     """(page index, RGB image) for pages `start` to `stop`, each rendered when asked for.
 
-    The PDF is opened now, so a corrupt file fails here rather than at the first page. `dpi`
-    defaults to the policy for the whole document's page count; a page too large to render at it
-    within `max_image_pixels` renders at the resolution that fits.
+    The PDF is opened now, so a corrupt file fails here rather than at the first page. A page too
+    large to render at `dpi` within `max_pixels` renders at the resolution that fits.
     """
     with _PDFIUM_LOCK:
         pdf = _open_pdf(data)
         count = len(pdf)
     pages = range(start, count if stop is None else min(stop, count))
-    return _render_pages(pdf, dpi or pdf_dpi(count), pages, get_settings().max_image_pixels)
+    return _render_pages(pdf, dpi, pages, max_pixels)
 
 
-def convert_office_to_pdf(data: bytes, filename: str) -> bytes:
-    """The PDF of an office document, converted by LibreOffice (`soffice`) in a scratch folder."""
+def convert_office_to_pdf(data: bytes, filename: str, timeout: float) -> bytes:
+    """The PDF of an office document, converted by LibreOffice (`soffice`) in a scratch folder
+    within `timeout` seconds."""
     extension = Path(filename).suffix.lower()
     soffice = shutil.which("soffice")
     if soffice is None:
@@ -150,9 +67,8 @@ def convert_office_to_pdf(data: bytes, filename: str) -> bytes:
             "PATH, and this server has none; upload a PDF instead",
             PARAM,
         )
-    timeout = get_settings().office_timeout_s
     with tempfile.TemporaryDirectory(prefix="embedq-office-") as scratch:
-        source = Path(scratch, "document" + (extension if extension in _OFFICE_EXTENSIONS else ""))
+        source = Path(scratch, "document" + (extension if extension in OFFICE_EXTENSIONS else ""))
         source.write_bytes(data)
         command = [
             soffice,

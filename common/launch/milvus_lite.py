@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import procs
+from . import procs
 
 
 class MilvusLiteServer:

@@ -1,6 +1,6 @@
 """The feed of changes to a late-interaction collection's pages, for the search workers' copies.
 
-Search workers hold every page of a collection in memory (workers.page_index) and must see each
+Search workers hold every page of a collection in memory (workers.search) and must see each
 write, delete and drop, whichever process or machine made it. Every change made through
 `MilvusStore` is appended, after Milvus has it, to a Redis Stream per collection; a search worker
 reads the entries past the last one it applied before each search (one XRANGE, nothing when idle)
@@ -16,7 +16,7 @@ from typing import Literal
 
 import redis
 
-from . import keys
+from .. import keys
 
 START = "0-0"  # the id before every entry
 

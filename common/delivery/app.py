@@ -1,17 +1,16 @@
 """The one Celery app of embedq, shared by the API (to send), workers (to run) and other backends.
 
-Tasks are defined in `workers.tasks`; this module only configures broker, result backend, routing
-and delivery semantics, so importing it never pulls in torch.
+Tasks are defined in the worker packages (as shared tasks, bound to the app the process made);
+this module only configures broker, result backend, routing and delivery semantics, so importing
+it never pulls in torch. Each process makes its app once, where it makes its other clients.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from celery import Celery
 
-from .queues import route_task
-from .settings import Settings, get_settings
+from ..contract import route_task
+from ..settings import Settings
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -47,7 +46,3 @@ def create_celery_app(settings: Settings) -> Celery:
     )
     return app
 
-
-@lru_cache
-def get_celery_app() -> Celery:
-    return create_celery_app(get_settings())

@@ -8,43 +8,29 @@ alone, with its message, and the other files of its upload go on. This module lo
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from itertools import islice
 from typing import Any, Iterable, Iterator
 
-import redis
+from celery import shared_task
 
-from common.celery_app import get_celery_app
-from common.documents import (
+from common.contract import INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, INGEST_TASK
+from common.errors import EmbedqError
+from common.inputs.documents import (
     chunk_text,
     convert_office_to_pdf,
     count_pdf_pages,
     decode_text,
-    detect_kind,
     parse_jsonl,
     render_pdf_pages,
 )
-from common.errors import EmbedqError
-from common.images import encode_png, load_image
-from common.job_tasks import JobTasks
-from common.jobs import JobStore
-from common.queues import INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, INGEST_TASK
-from common.settings import get_settings
+from common.inputs.images import encode_png, load_image
+from common.inputs.kinds import detect_kind
+from common.jobs.state import JobStore
+from common.jobs.units import chunk_unit, page_unit
 
-app = get_celery_app()
+from .. import process
+
 log = logging.getLogger(__name__)
-
-
-@lru_cache
-def job_store() -> JobStore:
-    settings = get_settings()
-    return JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
-
-
-@lru_cache
-def job_tasks() -> JobTasks:
-    settings = get_settings()
-    return JobTasks(redis.Redis.from_url(settings.redis_url), app, settings.job_ttl_s)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -53,16 +39,17 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-@app.task(name=INGEST_TASK, bind=True)
+@shared_task(name=INGEST_TASK, bind=True)
 def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, content_type: str | None = None) -> None:
     try:
         _ingest(job_id, index, collection, model, content_type)
     finally:
-        job_tasks().done(job_id, self.request.id)
+        process.current().ledger.done(job_id, self.request.id)
 
 
 def _ingest(job_id: str, index: int, collection: str, model: str, content_type: str | None) -> None:
-    jobs = job_store()
+    settings = process.current().settings
+    jobs = process.current().jobs
     info = jobs.file_info(job_id, index)
     data = jobs.upload(job_id, index)
     if data is None:
@@ -76,7 +63,7 @@ def _ingest(job_id: str, index: int, collection: str, model: str, content_type: 
         kind = detect_kind(info["filename"], content_type, data[:8192])
         jobs.set_kind(job_id, index, kind)
         if kind == "office":
-            data, kind = convert_office_to_pdf(data, info["filename"]), "pdf"
+            data, kind = convert_office_to_pdf(data, info["filename"], settings.office_timeout_s), "pdf"
         if kind == "pdf":
             _queue_pdf(jobs, target, data)
         elif kind == "image":
@@ -93,7 +80,7 @@ def _ingest(job_id: str, index: int, collection: str, model: str, content_type: 
 
 
 def _send(task: str, target: dict[str, Any], **kwargs: Any) -> None:
-    job_tasks().send(target["job_id"], task, {**target, **kwargs})
+    process.current().ledger.send(target["job_id"], task, {**target, **kwargs})
 
 
 def _skip_rest(jobs: JobStore, target: dict[str, Any], units: list[str]) -> None:
@@ -102,10 +89,11 @@ def _skip_rest(jobs: JobStore, target: dict[str, Any], units: list[str]) -> None
 
 def _queue_pdf(jobs: JobStore, target: dict[str, Any], data: bytes) -> None:
     job_id, index = target["job_id"], target["index"]
+    settings = process.current().settings
     total = count_pdf_pages(data)
     jobs.set_total(job_id, index, total)
-    per_task = get_settings().ingest_pages_per_task
-    for batch in _batches(render_pdf_pages(data), per_task):
+    pages = render_pdf_pages(data, settings.pdf_dpi(total), settings.max_image_pixels)
+    for batch in _batches(pages, settings.ingest_pages_per_task):
         if jobs.is_cancelled(job_id):
             _skip_rest(jobs, target, [page_unit(index, page + 1) for page in range(batch[0][0], total)])
             return
@@ -114,13 +102,13 @@ def _queue_pdf(jobs: JobStore, target: dict[str, Any], data: bytes) -> None:
 
 
 def _queue_image(jobs: JobStore, target: dict[str, Any], data: bytes) -> None:
-    load_image(data, get_settings().max_image_pixels)  # refuse a bad image here, as its file's error
+    load_image(data, process.current().settings.max_image_pixels)  # refuse a bad image here, as its file's error
     jobs.set_total(target["job_id"], target["index"], 1)
     _send(INDEX_PAGES_TASK, target, pages=[{"page": 1, "image": data}])
 
 
 def _queue_text(jobs: JobStore, target: dict[str, Any], data: bytes, kind: str) -> None:
-    settings = get_settings()
+    settings = process.current().settings
     if kind == "jsonl":
         records = [(r["id"], r["text"], {**target["metadata"], **r["metadata"]}) for r in parse_jsonl(data)]
     else:
@@ -138,11 +126,3 @@ def _queue_text(jobs: JobStore, target: dict[str, Any], data: bytes, kind: str) 
             return
         _send(INDEX_CHUNKS_TASK, target, chunks=chunks[start : start + settings.ingest_chunks_per_task])
 
-
-def page_unit(index: int, page: int) -> str:
-    """A page's unit id on its job (pages count from 1)."""
-    return f"{index}:{page}"
-
-
-def chunk_unit(index: int, chunk: dict[str, Any]) -> str:
-    return f"{index}:{chunk['doc_id']}:{chunk['chunk']}"

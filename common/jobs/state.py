@@ -1,4 +1,5 @@
-"""Ingestion jobs in Redis: state, per-file progress, and the event stream SSE clients read.
+"""Job state in Redis: a job's counters, per-file progress, and the events it appends to its
+stream (jobs.events reads them).
 
 Counting is exactly-once: each page or chunk ("unit") is counted only the first time it is
 reported, so a batch that a broker redelivers after a worker died is not counted twice. Finishing
@@ -16,10 +17,9 @@ from typing import Any, Literal
 
 import redis
 
-from . import keys
-from .errors import NotFound
+from .. import keys
+from ..errors import NotFound
 
-JobStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 Outcome = Literal["processed", "failed", "skipped"]
 FINAL_EVENTS = ("completed", "failed", "cancelled")
 

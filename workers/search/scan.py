@@ -16,7 +16,7 @@ scores every page, cheaply, then exactly:
    call) and scored exactly in float32, so the returned scores are colpali-engine's
    `score_multi_vector` over the stored vectors.
 
-The copy follows the collection through its change feed (common.page_changes): before each search,
+The copy follows the collection through its change feed (common.store.changes): before each search,
 the entries since the last one applied name the pages to re-read from Milvus or drop.
 """
 
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from common.errors import InvalidRequest, NotFound
-from common.milvus_store import MilvusStore, PageRecord
-from common.page_changes import PageChanges
+from common.store.changes import PageChanges
+from common.store.milvus import MilvusStore, PageRecord
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class _Bucket:
         return scores.masked_fill_(~self.live[:used], -torch.inf)
 
 
-class PageIndex:
+class Int8Pages:
     """One collection's pages as int8 codes, by page key."""
 
     def __init__(self, dim: int):
@@ -168,7 +168,7 @@ def _checked(query: np.ndarray, dim: int) -> np.ndarray:
 
 @dataclass
 class _Copy:
-    index: PageIndex
+    pages: Int8Pages
     applied: str  # the last change feed entry applied
 
 
@@ -193,7 +193,7 @@ class Searcher:
 
     def held(self) -> dict[str, int]:
         """Pages held here, per collection."""
-        return {name: len(copy.index) for name, copy in self._copies.items()}
+        return {name: len(copy.pages) for name, copy in self._copies.items()}
 
     def catch_up(self) -> None:
         """Apply the changes waiting for every collection held here. The search worker does it
@@ -210,9 +210,9 @@ class Searcher:
         """The `top_k` pages by exact MaxSim: `[{doc_id, filename, page, score, metadata}]`, best first."""
         with self._lock:
             copy = self._current(collection)
-            query = _checked(query, copy.index.dim)
+            query = _checked(query, copy.pages.dim)
             allowed = self.store.matching_keys(collection, filter) if filter else None
-            candidates = copy.index.best(query, top_k + RERANK_EXTRA, self._pool, allowed)
+            candidates = copy.pages.best(query, top_k + RERANK_EXTRA, self._pool, allowed)
         pages = self.store.fetch_pages(collection, candidates)
         if allowed is not None:  # a page written since the filter was read may pass it no more
             pages = [p for p in pages if p.key in allowed]
@@ -235,7 +235,7 @@ class Searcher:
                 del self._copies[collection]
                 return self._current(collection)
             if change.op == "delete":
-                copy.index.remove_document(change.doc_id)
+                copy.pages.remove_document(change.doc_id)
                 stale = {k: None for k in stale if k.rsplit("#", 1)[0] != change.doc_id}
             else:
                 stale.update(dict.fromkeys(change.page_keys))
@@ -244,20 +244,20 @@ class Searcher:
             wanted = stale_keys[start : start + LOAD_BATCH]
             fresh = self.store.fetch_pages(collection, wanted)
             for key in set(wanted) - {page.key for page in fresh}:  # gone from Milvus since
-                copy.index.remove(key)
+                copy.pages.remove(key)
             for page in fresh:
-                copy.index.put(page)
+                copy.pages.put(page)
         copy.applied = changes[-1].id
         return copy
 
     def _load(self, collection: str) -> _Copy:
         applied = self.changes.last_id(collection)  # read first: what follows is replayed after
-        info = self.store.describe(collection)  # NotFound when there is none
+        info = self.store.describe(collection, fresh=True)  # NotFound when there is none
         if info.kind != "multivector":
             raise InvalidRequest(f"collection {collection!r} holds {info.kind} vectors, not pages", "collection")
-        copy = _Copy(PageIndex(info.dim), applied)
+        copy = _Copy(Int8Pages(info.dim), applied)
         for pages in self.store.iter_pages(collection, LOAD_BATCH):
             for page in pages:
-                copy.index.put(page)
-        log.info("loaded %d pages of %s", len(copy.index), collection)
+                copy.pages.put(page)
+        log.info("loaded %d pages of %s", len(copy.pages), collection)
         return copy

@@ -17,16 +17,16 @@ import sys
 import time
 import urllib.request
 
+from ..registry import load_registry
+from ..settings import get_settings
 from . import procs
-from .milvus_server import MilvusLiteServer
-from .registry import load_registry
-from .settings import get_settings
+from .milvus_lite import MilvusLiteServer
 
 READY_TIMEOUT_S = 600
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], env=env)
+    return subprocess.Popen([sys.executable, "-m", "common.launch.cli", *args], env=env)
 
 
 def _ready(url: str) -> dict | None:

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 PARAM = "images"
 # Pillow reports JPEGs carrying several pictures (common from phone cameras) as MPO.

@@ -1,9 +1,9 @@
-"""The tasks an ingestion job has in flight, kept until they report, so that a task the broker
-lost with a dying worker (common.delivery) is sent again and the job still finishes with every
+"""The ledger of an ingestion job's tasks in flight, kept until they report, so that a task the
+broker lost with a dying worker (delivery.lost) is sent again and the job still finishes with every
 page and chunk.
 
 Senders (the API for a job's files, the ingestion worker for their page and chunk batches) send
-through `JobTasks.send`, which keeps a copy of the task; a task forgets its copy when it has
+through `JobLedger.send`, which keeps a copy of the task; a task forgets its copy when it has
 counted its work on the job. Ingestion workers sweep every `lost_task_check_s`, one at a time
 under a lock; each task is stamped with when it was last known in flight, so a sweep looks only
 at tasks not seen since a worker was last found dead. A lost one is sent again under its id,
@@ -22,14 +22,14 @@ import msgpack
 import redis
 from celery import Celery
 
-from . import keys
-from .delivery import SECOND_LOOK_S, find_lost, worker_died_at
-from .queues import INGEST_QUEUE, embed_queue
+from .. import keys
+from ..contract import INGEST_QUEUE, embed_queue
+from ..delivery.lost import SECOND_LOOK_S, sweep
 
 log = logging.getLogger(__name__)
 
 
-class JobTasks:
+class JobLedger:
     def __init__(self, client: redis.Redis, celery: Celery, ttl_s: int):
         self._client = client
         self._celery = celery
@@ -63,9 +63,8 @@ class JobTasks:
         return [INGEST_QUEUE, embed_queue(model, "image"), embed_queue(model, "text")]
 
     def resend_lost(self) -> int:
-        """One sweep: the open jobs' tasks sent before a worker was last found dead, and not seen
-        in flight since, are looked for, and the lost ones sent again. Returns how many."""
-        died_at = worker_died_at(self._client)
+        """One sweep (delivery.lost.sweep) over the open jobs' tasks; the lost ones are sent again.
+        Returns how many."""
         resent = 0
         for raw in self._client.smembers(keys.JOBS_OPEN):
             job_id = raw.decode()
@@ -74,14 +73,11 @@ class JobTasks:
                 self._client.srem(keys.JOBS_OPEN, job_id)
                 self._client.delete(keys.job_tasks(job_id), keys.job_tasks_sent(job_id))
                 continue
-            suspects = [t.decode() for t in self._client.zrangebyscore(keys.job_tasks_sent(job_id), 0, died_at)]
-            if not suspects:
-                continue
-            looked_at = time.time()
-            lost = set(find_lost(self._client, queues, suspects))
-            seen = {task_id: looked_at for task_id in suspects if task_id not in lost}
+            tracked = {t.decode(): known for t, known in self._client.zrange(keys.job_tasks_sent(job_id), 0, -1,
+                                                                             withscores=True)}
+            lost, seen, looked_at = sweep(self._client, tracked, lambda _: queues)
             if seen:
-                self._client.zadd(keys.job_tasks_sent(job_id), seen, xx=True)
+                self._client.zadd(keys.job_tasks_sent(job_id), dict.fromkeys(seen, looked_at), xx=True)
             for task_id in lost:
                 packed = self._client.hget(keys.job_tasks(job_id), task_id)
                 if packed is None:  # it reported in the meantime

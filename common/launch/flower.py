@@ -11,8 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from .celery_app import create_celery_app
-from .settings import get_settings
+from ..delivery.app import create_celery_app
+from ..settings import get_settings
 
 # Worker names carry their pid, so every restart adds a name; forget offline ones after this long.
 PURGE_OFFLINE_WORKERS_S = 600

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .backends.base import OutOfMemory, Prepared
+from ..backends.base import OutOfMemory, Prepared
 
 log = logging.getLogger(__name__)
 

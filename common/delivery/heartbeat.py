@@ -1,7 +1,8 @@
 """Worker heartbeats: each live worker keeps its name, with the time, in a sorted set per queue
 group (`keys.workers_alive`), and drops the names that have gone silent. Dropping one records the
-time in `keys.WORKER_DIED_AT`: only a worker that dies can lose a task (common.delivery), so
-senders look for lost tasks only after that time moves.
+time in `keys.WORKER_DIED_AT`: only a worker that dies can lose a task (delivery.lost), so
+senders look for lost tasks only after that time moves. `live_workers` is the one reading of "which
+workers are live".
 """
 
 from __future__ import annotations
@@ -9,13 +10,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import redis
 
-from . import keys
+from .. import keys
 
 log = logging.getLogger(__name__)
+
+
+def live_workers(client: Any, key: str, ttl_s: float) -> Any:
+    """The names in heartbeat set `key` that beat within `ttl_s`, from `client` (a Redis client or
+    pipeline, synchronous or asyncio: whatever its `zrangebyscore` returns)."""
+    return client.zrangebyscore(key, time.time() - ttl_s, "+inf")
 
 
 def beat(client: redis.Redis, sets: list[str], name: str, ttl_s: float) -> None:

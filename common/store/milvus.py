@@ -8,9 +8,9 @@ properties) and is of one of two kinds:
   float16 bytes, base64 in an ARRAY of VARCHAR parts (each part under Milvus' 65,535-byte VARCHAR
   limit), and its mean token vector in ``vector`` (Milvus wants a vector field in every
   collection; embedq does not search it). Search workers keep every page in memory and score
-  them all (workers.page_index); Milvus is where pages are kept, filtered and read back whole.
+  them all (workers.search); Milvus is where pages are kept, filtered and read back whole.
   Every page write, document delete and drop is also told to the collection's change feed
-  (common.page_changes), so those copies follow.
+  (store.changes), so those copies follow.
 
 Why not one row per token vector (the Milvus bootcamp recipe): milvus-lite's search cost grows with
 the rows stored, whatever the index (per-row bookkeeping in Python): a 20-token query took 0.5 s
@@ -29,14 +29,14 @@ import binascii
 import json
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 from pymilvus import CollectionSchema, DataType, MilvusClient, MilvusException
 from pymilvus.milvus_client import IndexParams
 
-from common.errors import InvalidRequest, NotFound
-from common.page_changes import PageChanges
+from ..errors import InvalidRequest, NotFound
+from .changes import PageChanges
 
 Kind = Literal["multivector", "text"]
 
@@ -163,6 +163,9 @@ class MilvusStore:
         # idle); pymilvus' 10 s makes the Milvus Lite server drop the connection (GOAWAY).
         self.client = MilvusClient(uri=uri, token=token, timeout=TIMEOUT_S,
                                    grpc_options={"grpc.keepalive_time_ms": 310_000})
+        # Descriptions read here, so that a write or a search does not ask Milvus again; dropped on
+        # a drop made here, and on a write that fails (another process may have dropped it).
+        self._described: dict[str, CollectionInfo] = {}
 
     def close(self) -> None:
         self.client.close()
@@ -172,12 +175,14 @@ class MilvusStore:
     def create_collection(self, name: str, kind: Kind, dim: int, model: str) -> CollectionInfo:
         """Create `name` bound to `model`; a no-op when it exists with the same binding."""
         wanted = CollectionInfo(name, kind, model, dim)
+        self._described.pop(name, None)
         if not self.client.has_collection(name):
             schema, index = _layout(kind, dim)
             properties = {"embedq.kind": kind, "embedq.model": model, "embedq.dim": str(dim)}
             try:
                 self.client.create_collection(name, schema=schema, index_params=index, num_partitions=PARTITIONS,
                                               consistency_level="Strong", properties=properties)
+                self._described[name] = wanted
                 return wanted
             except MilvusException:
                 if not self.client.has_collection(name):
@@ -196,8 +201,13 @@ class MilvusStore:
             raise NotFound(f"{name!r} is not an embedq collection", param="collection")
         return properties
 
-    def describe(self, name: str) -> CollectionInfo:
-        return _info(name, self._properties(name))
+    def describe(self, name: str, fresh: bool = False) -> CollectionInfo:
+        """The collection's binding, as read before unless `fresh`; NotFound when there is none."""
+        if fresh:
+            self._described.pop(name, None)
+        if name not in self._described:
+            self._described[name] = _info(name, self._properties(name))
+        return self._described[name]
 
     def list_collections(self) -> list[CollectionInfo]:
         """embedq's collections; others that share the Milvus are left out."""
@@ -213,6 +223,7 @@ class MilvusStore:
         return self.client.has_collection(name)
 
     def drop_collection(self, name: str) -> None:
+        self._described.pop(name, None)
         if self.client.has_collection(name):
             self.client.drop_collection(name)
             if self.changes:
@@ -249,9 +260,20 @@ class MilvusStore:
             raise InvalidRequest(f"collection {name!r} holds {info.kind} vectors, not {kind}", param="collection")
         return info
 
-    def _upsert(self, name: str, rows: list[dict]) -> None:
-        for start in range(0, len(rows), WRITE_BATCH):
-            self.client.upsert(name, rows[start : start + WRITE_BATCH])
+    def _write(self, name: str, kind: Kind, rows_for: Callable[[CollectionInfo], list[dict]]) -> list[dict]:
+        """Upsert the rows `rows_for` builds for the collection's description. A write that fails
+        is tried once more on a fresh description: the one read before may be of a collection
+        dropped (and made again) since."""
+        for attempt in range(2):
+            rows = rows_for(self._expect(name, kind))
+            try:
+                for start in range(0, len(rows), WRITE_BATCH):
+                    self.client.upsert(name, rows[start : start + WRITE_BATCH])
+                return rows
+            except MilvusException:
+                if attempt or self._described.pop(name, None) is None:
+                    raise
+        raise AssertionError("unreachable")
 
     def _vectors(self, array: np.ndarray, dim: int, rows: bool, what: str) -> np.ndarray:
         """`array`, checked to hold finite numbers in shape (n, dim) if `rows` else (dim,)."""
@@ -267,33 +289,37 @@ class MilvusStore:
         return {"pk": page_key(doc_id, index), "doc_id": doc_id, "filename": filename, "metadata": metadata}
 
     def upsert_pages(self, name: str, pages: list[PageRecord]) -> None:
-        info = self._expect(name, "multivector")
-        rows = []
-        for page in pages:
-            tokens = self._vectors(page.vectors, info.dim, True, "vectors").astype("<f2")
-            raw = tokens.tobytes()
-            parts = [binascii.b2a_base64(raw[i : i + PART_BYTES], newline=False).decode()
-                     for i in range(0, len(raw), PART_BYTES)]
-            if len(parts) > MAX_PARTS:
-                raise InvalidRequest(f"page {page.page} of {page.doc_id!r} has too many tokens ({len(tokens)})",
-                                     param="vectors")
-            rows.append(self._common_fields(page.doc_id, page.page, page.filename, page.metadata) | {
-                "page": page.page, "n_tokens": len(tokens), "tokens": parts,
-                "vector": tokens.astype(np.float32).mean(axis=0),
-            })
-        self._upsert(name, rows)
+        def rows_for(info: CollectionInfo) -> list[dict]:
+            rows = []
+            for page in pages:
+                tokens = self._vectors(page.vectors, info.dim, True, "vectors").astype("<f2")
+                raw = tokens.tobytes()
+                parts = [binascii.b2a_base64(raw[i : i + PART_BYTES], newline=False).decode()
+                         for i in range(0, len(raw), PART_BYTES)]
+                if len(parts) > MAX_PARTS:
+                    raise InvalidRequest(f"page {page.page} of {page.doc_id!r} has too many tokens ({len(tokens)})",
+                                         param="vectors")
+                rows.append(self._common_fields(page.doc_id, page.page, page.filename, page.metadata) | {
+                    "page": page.page, "n_tokens": len(tokens), "tokens": parts,
+                    "vector": tokens.astype(np.float32).mean(axis=0),
+                })
+            return rows
+
+        rows = self._write(name, "multivector", rows_for)
         if self.changes:
             self.changes.upserted(name, [row["pk"] for row in rows])
 
     def upsert_chunks(self, name: str, chunks: list[ChunkRecord]) -> None:
-        info = self._expect(name, "text")
-        rows = []
-        for chunk in chunks:
-            _check_size(chunk.text, VARCHAR_MAX, "text")
-            vector = self._vectors(chunk.vector, info.dim, False, "vector").astype(np.float32)
-            rows.append(self._common_fields(chunk.doc_id, chunk.chunk, chunk.filename, chunk.metadata)
-                        | {"chunk": chunk.chunk, "text": chunk.text, "vector": vector})
-        self._upsert(name, rows)
+        def rows_for(info: CollectionInfo) -> list[dict]:
+            rows = []
+            for chunk in chunks:
+                _check_size(chunk.text, VARCHAR_MAX, "text")
+                vector = self._vectors(chunk.vector, info.dim, False, "vector").astype(np.float32)
+                rows.append(self._common_fields(chunk.doc_id, chunk.chunk, chunk.filename, chunk.metadata)
+                            | {"chunk": chunk.chunk, "text": chunk.text, "vector": vector})
+            return rows
+
+        self._write(name, "text", rows_for)
 
     # Reads of pages (for the search workers' copies) and searches of chunks
 

@@ -13,9 +13,9 @@ import torch
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 from common.errors import InvalidRequest, NotFound
-from common.milvus_store import MilvusStore, PageRecord
-from common.page_changes import PageChanges
-from workers.page_index import RERANK_EXTRA, PageIndex, Searcher
+from common.store.milvus import MilvusStore, PageRecord
+from common.store.changes import PageChanges
+from workers.search.scan import RERANK_EXTRA, Int8Pages, Searcher
 
 from .pages import DIM, make_pages, page_collection, unit
 
@@ -78,7 +78,7 @@ def test_int8_scan_ranks_as_exact_maxsim(rng):
     """The in-memory scores alone (before the exact rerank) keep exhaustive MaxSim's top 10 within
     the pages they hand to the rerank, on random pages and random queries: the hard case."""
     records = make_pages(rng, 100)
-    index = PageIndex(DIM)
+    index = Int8Pages(DIM)
     for page in records:
         index.put(page)
     with ThreadPoolExecutor(2) as pool:

@@ -10,42 +10,32 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import TimeoutError as FutureTimeout
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import redis
+from celery import shared_task
 
-from common.celery_app import get_celery_app
+from common.contract import EMBED_TASK, INDEX_CHUNKS_TASK, INDEX_PAGES_TASK
 from common.errors import BackendError, EmbedqError, InvalidRequest, ServiceUnavailable
-from common.milvus_store import ChunkRecord, MilvusStore, PageRecord
-from common.page_changes import PageChanges
-from common.queues import EMBED_TASK, INDEX_CHUNKS_TASK, INDEX_PAGES_TASK
-from common.settings import get_settings
-from common.vectors import finalize, pack
+from common.jobs.units import chunk_unit, page_unit
+from common.store.milvus import ChunkRecord, PageRecord
+from common.vectors import pack
 
-from . import runtime
-from .backends.base import EmbedInput, Prepared
-from .ingest import chunk_unit, job_store, job_tasks, page_unit
+from .. import process
+from ..backends.base import EmbedInput, Prepared, finalize
 
-app = get_celery_app()
 log = logging.getLogger(__name__)
-
-
-@lru_cache
-def vector_store() -> MilvusStore:
-    settings = get_settings()
-    return MilvusStore(settings.milvus_uri, changes=PageChanges(redis.Redis.from_url(settings.redis_url)))
 
 
 def run_model(model: str, modality: str, items: list[EmbedInput]) -> tuple[list[np.ndarray], list[Prepared]]:
     """The raw model outputs for `items`, batched with whatever else this worker has pending."""
-    rt = runtime.current()
+    proc = process.current()
+    rt = proc.runtime
     if model != rt.spec.name or modality not in rt.modalities:
         raise InvalidRequest(f"This worker serves {rt.spec.name} {rt.modalities}, not {model} {modality}.", "model")
     prepared = [rt.backend.prepare(item) for item in items]
     futures = rt.batcher.submit(modality, prepared)
-    timeout = get_settings().request_timeout_s
+    timeout = proc.settings.request_timeout_s
     try:
         return [future.result(timeout=timeout) for future in futures], prepared
     except FutureTimeout:
@@ -56,7 +46,7 @@ def run_model(model: str, modality: str, items: list[EmbedInput]) -> tuple[list[
         raise BackendError(f"The model failed on this batch: {exc}") from exc
 
 
-@app.task(name=EMBED_TASK)
+@shared_task(name=EMBED_TASK)
 def embed(
     *,
     model: str,
@@ -74,7 +64,7 @@ def embed(
     Returns `{"dtype", "shapes", "data": [bytes per input], "tokens": [int per input]}`:
     pooled output gives shape `(dim,)`, multivector `(n_tokens, dim)`.
     """
-    spec = runtime.current().spec
+    spec = process.current().runtime.spec
     if output == "multivector" and not spec.multivector:
         raise InvalidRequest(f"The model '{model}' gives one vector per input; output must be 'pooled'.", "output")
     items = [EmbedInput(modality=modality, input_type=input_type, truncate=truncate, **entry) for entry in inputs]
@@ -89,7 +79,8 @@ def _index(task_id: str, job_id: str, index: int, collection: str, units: list[s
     as processed, failed (with the error on their file) or skipped. Never raises: a batch that
     fails is counted, so its job still finishes. The report that finishes the job flushes the
     collection, so its rows are searched through the index, not by brute force."""
-    jobs = job_store()
+    proc = process.current()
+    jobs = proc.jobs
     if jobs.is_cancelled(job_id):
         finished = jobs.record(job_id, index, "skipped", units)
     else:
@@ -101,12 +92,12 @@ def _index(task_id: str, job_id: str, index: int, collection: str, units: list[s
             finished = jobs.record(job_id, index, "failed", units, error=f"{what}: {exc}")
         else:
             finished = jobs.record(job_id, index, "processed", units)
-    job_tasks().done(job_id, task_id)
+    proc.ledger.done(job_id, task_id)
     if finished:
-        vector_store().flush(collection)
+        proc.store.flush(collection)
 
 
-@app.task(name=INDEX_PAGES_TASK, bind=True)
+@shared_task(name=INDEX_PAGES_TASK, bind=True)
 def index_pages(
     self, *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
     metadata: dict[str, Any], pages: list[dict[str, Any]],
@@ -115,7 +106,7 @@ def index_pages(
 
     def write() -> None:
         arrays, _ = run_model(model, "image", [EmbedInput("image", image=p["image"]) for p in pages])
-        vector_store().upsert_pages(collection, [
+        process.current().store.upsert_pages(collection, [
             PageRecord(doc_id=doc_id, page=p["page"], filename=filename, metadata=metadata,
                        vectors=finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16))
             for p, a in zip(pages, arrays)
@@ -125,7 +116,7 @@ def index_pages(
     _index(self.request.id, job_id, index, collection, [page_unit(index, p["page"]) for p in pages], f"pages {first}-{last} of {filename}", write)
 
 
-@app.task(name=INDEX_CHUNKS_TASK, bind=True)
+@shared_task(name=INDEX_CHUNKS_TASK, bind=True)
 def index_chunks(
     self, *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
     metadata: dict[str, Any], chunks: list[dict[str, Any]],
@@ -135,7 +126,7 @@ def index_chunks(
     def write() -> None:
         items = [EmbedInput("text", text=c["text"], input_type="document") for c in chunks]
         arrays, _ = run_model(model, "text", items)
-        vector_store().upsert_chunks(collection, [
+        process.current().store.upsert_chunks(collection, [
             ChunkRecord(doc_id=c["doc_id"], chunk=c["chunk"], filename=filename, text=c["text"],
                         metadata=c["metadata"], vector=finalize(a, pooled=True, normalize=True, dimensions=None))
             for c, a in zip(chunks, arrays)

@@ -1,0 +1,57 @@
+"""The task contract: task names, the queues they go to (one function derives every queue name),
+the Celery routing built on it, and the builders of the documented tasks' arguments. The API, the
+ingestion worker and direct submitters (common.client) all send through these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+EMBED_TASK = "embedq.embed"
+INDEX_PAGES_TASK = "embedq.index_pages"
+INDEX_CHUNKS_TASK = "embedq.index_chunks"
+INGEST_TASK = "embedq.ingest_file"
+INGEST_QUEUE = "ingest.cpu"
+SEARCH_TASK = "embedq.search_pages"
+SEARCH_QUEUE = "search.pages"
+
+
+def embed_queue(model: str, modality: str) -> str:
+    """`embed.<model>.<modality>`: one queue per served model and modality (text / image)."""
+    return f"embed.{model}.{modality}"
+
+
+def embed_kwargs(model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """The arguments of EMBED_TASK: `inputs` (each `{"text"}`, `{"token_ids"}` or `{"image": bytes}`)
+    and the task's options (`output`, `normalize`, `dimensions`, `input_type`, `truncate`, `dtype`)."""
+    return {"model": model, "modality": modality, "inputs": inputs, **options}
+
+
+def search_kwargs(collection: str, query: np.ndarray, top_k: int, filter: str | None) -> dict[str, Any]:
+    """The arguments of SEARCH_TASK: the query's (n_tokens, dim) vectors as little-endian float32 bytes."""
+    query = np.ascontiguousarray(query, "<f4")
+    return {"collection": collection, "query": query.tobytes(), "dim": int(query.shape[-1]), "top_k": top_k,
+            "filter": filter}
+
+
+def task_queue(name: str, kwargs: dict[str, Any]) -> str | None:
+    """The queue of an embedq task, from its name and arguments; None for a task that is not ours."""
+    if name == EMBED_TASK:
+        return embed_queue(kwargs["model"], kwargs["modality"])
+    if name == INDEX_PAGES_TASK:
+        return embed_queue(kwargs["model"], "image")
+    if name == INDEX_CHUNKS_TASK:
+        return embed_queue(kwargs["model"], "text")
+    if name == INGEST_TASK:
+        return INGEST_QUEUE
+    if name == SEARCH_TASK:
+        return SEARCH_QUEUE
+    return None
+
+
+def route_task(name: str, args: tuple, kwargs: dict[str, Any], options: dict, task=None, **_: Any) -> dict | None:
+    """Celery router. Every embedq task must get a queue here, or it falls back to the default queue
+    where no worker listens (tests check each registered task has a route)."""
+    queue = task_queue(name, kwargs)
+    return {"queue": queue} if queue else None

@@ -1,0 +1,47 @@
+"""Checks on text inputs, the same at the HTTP edge and in the backends: how many, not empty,
+token ids in the vocabulary, and what an over-long input with `truncate: false` is told."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..errors import InputTooLong, InvalidRequest
+
+PARAM = "input"
+
+
+def check_count(items: Sequence, max_items: int, param: str) -> None:
+    if not items:
+        raise InvalidRequest(f"'{param}' must not be empty.", param)
+    if len(items) > max_items:
+        raise InvalidRequest(f"'{param}' has {len(items)} items; at most {max_items} are allowed per request.", param)
+
+
+def text_inputs(raw: Any, max_inputs: int) -> list[dict[str, Any]]:
+    """OpenAI's four input shapes (a string, a list of strings, a list of token ids, a list of such
+    lists) -> one `{"text"}` or `{"token_ids"}` entry per input."""
+    if isinstance(raw, str):
+        raw = [raw]
+    check_count(raw, max_inputs, PARAM)
+    if isinstance(raw[0], int):
+        raw = [raw]
+    if all(isinstance(text, str) for text in raw):
+        if any(text == "" for text in raw):
+            raise InvalidRequest("'input' must not contain empty strings.", PARAM)
+        return [{"text": text} for text in raw]
+    if any(len(ids) == 0 for ids in raw):
+        raise InvalidRequest("'input' must not contain empty token lists.", PARAM)
+    return [{"token_ids": ids} for ids in raw]
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise InvalidRequest(f"Token ids must be in [0, {vocab_size}).", PARAM)
+
+
+def too_long(n_tokens: int, limit: int) -> InputTooLong:
+    """The error for an input over the model's limit that the request asked not to truncate."""
+    return InputTooLong(
+        f"An input has {n_tokens} tokens, over this model's limit of {limit} (send truncate: true to cut it instead).",
+        PARAM,
+    )

@@ -1,0 +1,1 @@
+"""The ingestion worker: uploaded files into page and chunk batches on the model queues."""

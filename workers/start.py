@@ -1,0 +1,106 @@
+"""Starting a worker process: build its clients (workers.process), load what it serves, then
+consume its queues, with a heartbeat from the moment Celery consumes until it starts stopping.
+
+- A model worker loads and warms its model first, and runs a Celery thread pool: many tasks wait
+  at once while the batcher runs them together on the device; the pool's size bounds how many
+  requests one worker holds (and so how big a greedy batch can get).
+- The ingestion worker renders and chunks in a prefork pool, and sweeps for lost job tasks.
+- The search worker loads every page collection first, searches one at a time (each search uses
+  every core), and catches up with the collections' changes every second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from celery import signals
+
+from common import keys
+from common.contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue
+from common.delivery.heartbeat import start_heartbeat
+from common.registry import load_registry
+from common.settings import Settings, get_settings
+
+from . import process
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_S = 1.0
+
+
+def _consume(proc: process.Process, queues: list[str], pool: str, concurrency: int, alive_sets: list[str],
+             alive: Callable[[], bool] = lambda: True, extra: Callable[[], None] = lambda: None) -> None:
+    """Run the Celery worker on `queues` in the foreground, beating in `alive_sets` while it consumes."""
+    settings = proc.settings
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        start_heartbeat(proc.redis, alive_sets, proc.name, settings.worker_heartbeat_ttl_s, alive=alive, extra=extra)
+        log.info("worker %s ready on queues %s", proc.name, queues)
+
+    proc.celery.worker_main([
+        "worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={','.join(queues)}",
+        f"--hostname={proc.name}", "--without-gossip", "--without-mingle", "--loglevel=WARNING",
+    ])
+
+
+def model_worker(model: str, device: str | None = None, modalities: list[str] | None = None) -> None:
+    from .model import tasks  # noqa: F401  (torch: only model workers pay for it; registers the tasks)
+    from .model.runtime import load_runtime
+
+    settings = get_settings()
+    spec = load_registry(settings.models_file).get(model)
+    modalities = modalities or spec.modalities
+    unknown = set(modalities) - set(spec.modalities)
+    if unknown:
+        raise SystemExit(f"model {model} does not serve {sorted(unknown)}")
+    # Ordered text first: the broker reads queues in this order (see delivery.app).
+    modalities = [m for m in ("text", "image") if m in modalities]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = process.start(settings, spec.name)
+    proc.runtime = runtime = load_runtime(spec, device or spec.device, modalities, settings)
+    _consume(
+        proc, [embed_queue(model, m) for m in modalities], "threads", settings.worker_concurrency,
+        [keys.workers_alive(spec.name, m) for m in modalities], alive=lambda: runtime.batcher.alive,
+        extra=lambda: runtime.publish_stats(proc.redis, proc.name, settings.worker_heartbeat_ttl_s),
+    )
+
+
+def ingest_worker() -> None:
+    """The CPU worker that renders PDFs and chunks text (no model; several processes)."""
+    from .ingest import tasks  # noqa: F401  (registers the ingestion task)
+
+    settings = get_settings()
+    proc = process.start(settings, "ingest")
+    proc.ledger.start_sweeper(settings.lost_task_check_s)
+    _consume(proc, [INGEST_QUEUE], "prefork", settings.ingest_concurrency, [keys.INGEST_WORKERS_ALIVE])
+
+
+def search_worker() -> None:
+    """The worker that searches late-interaction collections from its in-memory copy of them. It
+    loads them all before it says it is live; searches run one at a time, each on every core."""
+    import torch
+
+    from .search import tasks  # noqa: F401  (registers the search task)
+    from .search.scan import Searcher
+
+    settings = get_settings()
+    torch.set_num_threads(1)  # the searcher's own threads share the cores out (workers.search.scan)
+    proc = process.start(settings, "search")
+    proc.searcher = Searcher(proc.store, proc.store.changes, threads=settings.cpu_threads)
+    proc.searcher.preload()
+    threading.Thread(target=_follow_collections, args=(proc,), name="embedq-catch-up", daemon=True).start()
+    _consume(proc, [SEARCH_QUEUE], "solo", 1, [keys.SEARCH_WORKERS_ALIVE])
+
+
+def _follow_collections(proc: process.Process) -> None:
+    while True:
+        time.sleep(CATCH_UP_S)
+        try:
+            proc.searcher.catch_up()
+        except Exception:  # Milvus or Redis away for a moment: searches say so; try again
+            log.warning("catching up with the collections failed; retrying", exc_info=True)
