@@ -84,7 +84,9 @@ class Dispatcher:
         kwargs = embed_kwargs(model, modality, inputs, **options)
         return Embedded(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs))
 
-    async def search_pages(self, collection: str, query: np.ndarray, top_k: int, filter: str | None) -> list[dict[str, Any]]:
+    async def search_pages(
+        self, collection: str, query: np.ndarray, top_k: int, filter: str | None
+    ) -> list[dict[str, Any]]:
         """The `top_k` pages of a late-interaction collection by exact MaxSim (a search worker's answer)."""
         await self._check(SEARCH_QUEUE, keys.SEARCH_WORKERS_ALIVE, "page search")
         return await self._call(SEARCH_TASK, SEARCH_QUEUE, search_kwargs(collection, query, top_k, filter))

@@ -14,16 +14,16 @@ from fastapi import FastAPI
 from common.delivery.app import create_celery_app
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
-from common.store.changes import PageChanges
 from common.registry import load_registry
 from common.settings import Settings, get_settings
+from common.store.changes import PageChanges
 
 from .deps import LazyStore
 from .dispatch import Dispatcher
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
-from .results import ResultWaiter
 from .metrics import RequestMetrics
+from .results import ResultWaiter
 from .routes import collections, embeddings, health, jobs, metrics, models, multivector
 
 
@@ -63,6 +63,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)  # outermost: it also counts the 413s of BodySizeLimit
-    for router in (health.router, models.router, embeddings.router, multivector.router, collections.router, jobs.router, metrics.router):
+    for router in (
+        health.router,
+        models.router,
+        embeddings.router,
+        multivector.router,
+        collections.router,
+        jobs.router,
+        metrics.router,
+    ):
         app.include_router(router)
     return app

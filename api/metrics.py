@@ -46,14 +46,16 @@ class HttpStats:
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
-            "embedq_http_requests", "HTTP requests answered, by route template and status.",
+            "embedq_http_requests",
+            "HTTP requests answered, by route template and status.",
             labels=["method", "route", "status"],
         )
         for labels, count in self.requests.items():
             requests.add_metric(labels, count)
         yield requests
         latency = HistogramMetricFamily(
-            "embedq_http_request_duration_seconds", "Time from request to the end of the response.",
+            "embedq_http_request_duration_seconds",
+            "Time from request to the end of the response.",
             labels=["method", "route"],
         )
         bounds = [str(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]

@@ -17,7 +17,9 @@ def json_response(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json")
 
 
-def embedding_list(model: str, result: Embedded, encoding_format: str, dtype: WireDtype = "float32", with_shape: bool = False) -> Response:
+def embedding_list(
+    model: str, result: Embedded, encoding_format: str, dtype: WireDtype = "float32", with_shape: bool = False
+) -> Response:
     """OpenAI's list shape. `base64` gives each input's vector or matrix as one base64 string of
     little-endian floats; `with_shape` adds each array's shape (matrices need it to be decoded)."""
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -134,7 +135,9 @@ class ResultWaiter:
                 self._waiting[task_id].known_at = looked_at
         for task_id in lost:
             if task_id in self._waiting:
-                log.warning("task %s vanished from %s with a dead worker; sending it again", task_id, waiting[task_id].queue)
+                log.warning(
+                    "task %s vanished from %s with a dead worker; sending it again", task_id, waiting[task_id].queue
+                )
                 self._waiting[task_id].known_at = looked_at
                 self._waiting[task_id].send()
                 self.resent += 1

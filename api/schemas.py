@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-EmbeddingInput = Union[str, list[str], list[int], list[list[int]]]
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: EmbeddingInput = Field(description="A string, a list of strings, a list of token ids, or a list of such lists.")
+    input: EmbeddingInput = Field(
+        description="A string, a list of strings, a list of token ids, or a list of such lists."
+    )
     model: str
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, gt=0, description="Matryoshka: truncate then re-normalize.")
@@ -50,7 +52,7 @@ class _LateInteractionOptions(BaseModel):
 
 
 class TextEmbeddingRequest(_LateInteractionOptions):
-    input: Union[str, list[str]]
+    input: str | list[str]
     input_type: Literal["query", "document"] = "query"
     truncate: bool = True
 
@@ -62,8 +64,12 @@ class ImageEmbeddingRequest(_LateInteractionOptions):
 class CollectionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="Letters, digits and _, not starting with a digit.")
-    model: str = Field(description="A served model; late-interaction models make page collections, text models chunk collections.")
+    name: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="Letters, digits and _, not starting with a digit."
+    )
+    model: str = Field(
+        description="A served model; late-interaction models make page collections, text models chunk collections."
+    )
 
 
 class SearchRequest(BaseModel):
@@ -71,4 +77,4 @@ class SearchRequest(BaseModel):
 
     query: str = Field(min_length=1)
     top_k: int = Field(default=10, ge=1, le=1000)
-    filter: str | None = Field(default=None, description="A Milvus boolean expression, e.g. `doc_id == \"abc\"`.")
+    filter: str | None = Field(default=None, description='A Milvus boolean expression, e.g. `doc_id == "abc"`.')

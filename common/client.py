@@ -30,25 +30,63 @@ class EmbedqClient:
         self.settings = get_settings() if redis_url is None else Settings(redis_url=redis_url)
         self.celery = create_celery_app(self.settings)
 
-    def submit(self, model: str, modality: str, inputs: list[dict[str, Any]], *, expires: float | None = None,
-               **options: Any) -> AsyncResult:
+    def submit(
+        self, model: str, modality: str, inputs: list[dict[str, Any]], *, expires: float | None = None, **options: Any
+    ) -> AsyncResult:
         """Any inputs the task takes (`{"text"}`, `{"token_ids"}`, `{"image"}`); a worker drops the task
         unrun if it is still queued `expires` seconds from now."""
-        return self.celery.send_task(EMBED_TASK, kwargs=embed_kwargs(model, modality, inputs, **options), expires=expires)
+        return self.celery.send_task(
+            EMBED_TASK, kwargs=embed_kwargs(model, modality, inputs, **options), expires=expires
+        )
 
-    def submit_texts(self, model: str, texts: list[str], *, output: str = "pooled", input_type: str = "document",
-                     normalize: bool | None = None, dimensions: int | None = None, truncate: bool = True,
-                     dtype: str = "float32", expires: float | None = None) -> AsyncResult:
-        return self.submit(model, "text", [{"text": text} for text in texts], expires=expires, output=output,
-                           input_type=input_type, normalize=normalize, dimensions=dimensions, truncate=truncate,
-                           dtype=dtype)
+    def submit_texts(
+        self,
+        model: str,
+        texts: list[str],
+        *,
+        output: str = "pooled",
+        input_type: str = "document",
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        dtype: str = "float32",
+        expires: float | None = None,
+    ) -> AsyncResult:
+        return self.submit(
+            model,
+            "text",
+            [{"text": text} for text in texts],
+            expires=expires,
+            output=output,
+            input_type=input_type,
+            normalize=normalize,
+            dimensions=dimensions,
+            truncate=truncate,
+            dtype=dtype,
+        )
 
-    def submit_images(self, model: str, images: list[bytes], *, output: str = "multivector",
-                      normalize: bool | None = None, dimensions: int | None = None, dtype: str = "float32",
-                      expires: float | None = None) -> AsyncResult:
+    def submit_images(
+        self,
+        model: str,
+        images: list[bytes],
+        *,
+        output: str = "multivector",
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        dtype: str = "float32",
+        expires: float | None = None,
+    ) -> AsyncResult:
         """`images` are encoded image files (PNG, JPEG, ...)."""
-        return self.submit(model, "image", [{"image": image} for image in images], expires=expires, output=output,
-                           normalize=normalize, dimensions=dimensions, dtype=dtype)
+        return self.submit(
+            model,
+            "image",
+            [{"image": image} for image in images],
+            expires=expires,
+            output=output,
+            normalize=normalize,
+            dimensions=dimensions,
+            dtype=dtype,
+        )
 
     def _answer(self, result: AsyncResult, timeout: float | None) -> Any:
         timeout = self.settings.request_timeout_s if timeout is None else timeout
@@ -64,20 +102,29 @@ class EmbedqClient:
         `timeout` seconds (default: EMBEDQ_REQUEST_TIMEOUT_S) pass without an answer."""
         return unpack(self._answer(result, timeout))
 
-    def embed_texts(self, model: str, texts: list[str], *, timeout: float | None = None,
-                    **options: Any) -> list[np.ndarray]:
+    def embed_texts(
+        self, model: str, texts: list[str], *, timeout: float | None = None, **options: Any
+    ) -> list[np.ndarray]:
         """`submit_texts` then `wait`; the task expires with the wait, so nobody runs it for no one."""
         timeout = self.settings.request_timeout_s if timeout is None else timeout
         return self.wait(self.submit_texts(model, texts, expires=timeout, **options), timeout)
 
-    def embed_images(self, model: str, images: list[bytes], *, timeout: float | None = None,
-                     **options: Any) -> list[np.ndarray]:
+    def embed_images(
+        self, model: str, images: list[bytes], *, timeout: float | None = None, **options: Any
+    ) -> list[np.ndarray]:
         """`submit_images` then `wait`, as `embed_texts`."""
         timeout = self.settings.request_timeout_s if timeout is None else timeout
         return self.wait(self.submit_images(model, images, expires=timeout, **options), timeout)
 
-    def search_pages(self, collection: str, query: np.ndarray, *, top_k: int = 10, filter: str | None = None,
-                     timeout: float | None = None) -> list[dict[str, Any]]:
+    def search_pages(
+        self,
+        collection: str,
+        query: np.ndarray,
+        *,
+        top_k: int = 10,
+        filter: str | None = None,
+        timeout: float | None = None,
+    ) -> list[dict[str, Any]]:
         """The `top_k` pages of a late-interaction collection by exact MaxSim with `query` (its
         `(n_tokens, dim)` token vectors, as `embed_texts(..., output="multivector",
         input_type="query")` gives them): `[{doc_id, filename, page, score, metadata}]`."""

@@ -31,8 +31,13 @@ def embed_kwargs(model: str, modality: str, inputs: list[dict[str, Any]], **opti
 def search_kwargs(collection: str, query: np.ndarray, top_k: int, filter: str | None) -> dict[str, Any]:
     """The arguments of SEARCH_TASK: the query's (n_tokens, dim) vectors as little-endian float32 bytes."""
     query = np.ascontiguousarray(query, "<f4")
-    return {"collection": collection, "query": query.tobytes(), "dim": int(query.shape[-1]), "top_k": top_k,
-            "filter": filter}
+    return {
+        "collection": collection,
+        "query": query.tobytes(),
+        "dim": int(query.shape[-1]),
+        "top_k": top_k,
+        "filter": filter,
+    }
 
 
 def task_queue(name: str, kwargs: dict[str, Any]) -> str | None:

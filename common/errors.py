@@ -72,4 +72,3 @@ class BackendError(EmbedqError):
     """A model failed on a batch that should have run; every request of that batch gets it."""
 
     code = "backend_error"
-

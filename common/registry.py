@@ -37,7 +37,7 @@ class ModelSpec(BaseModel):
     _base: Path = PrivateAttr(default=Path("."))  # the models file's folder: relative paths start there
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelSpec":
+    def _check(self) -> ModelSpec:
         if self.backend == "colpali" and not self.model_class:
             raise ValueError(f"model {self.name}: the colpali backend needs model_class")
         return self

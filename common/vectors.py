@@ -7,7 +7,8 @@ lists); JSON lists are made only at the HTTP edge when a client asks for `float`
 from __future__ import annotations
 
 import base64
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import numpy as np
 
@@ -28,4 +29,3 @@ def unpack(packed: dict[str, Any]) -> list[np.ndarray]:
 def to_base64(array: np.ndarray, dtype: WireDtype = "float32") -> str:
     """OpenAI's base64 format: the little-endian bytes of the (flattened) array."""
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
-

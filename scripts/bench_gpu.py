@@ -49,22 +49,22 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import workers.backends  # noqa: E402,F401  (makes torchvision importable before transformers)
-
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+import workers.backends  # noqa: E402,F401  (makes torchvision importable before transformers)
 from common.inputs.images import encode_png  # noqa: E402
 from common.registry import ModelSpec  # noqa: E402
 from common.settings import Settings  # noqa: E402
+from tests.tiny_models import builder  # noqa: E402  (the tiny checkpoints' builder, for --tiny)
 from workers.backends.base import EmbedInput, OutOfMemory, Prepared  # noqa: E402
 from workers.backends.colpali import (  # noqa: E402
     ColpaliBackend,
@@ -72,7 +72,6 @@ from workers.backends.colpali import (  # noqa: E402
     colpali_classes,
     resolve_attention,
 )
-from tests.tiny_models import builder  # noqa: E402  (the tiny checkpoints' builder, for --tiny)
 
 SEED = 0
 MODEL_CLASSES = {"colqwen2_5": "ColQwen2_5", "colmodernvbert": "ColModernVBert"}
@@ -250,8 +249,9 @@ def synthetic_page(seed: int, size: tuple[int, int] = A4_150DPI) -> bytes:
     body, heading = ImageFont.load_default(size=22), ImageFont.load_default(size=40)
 
     def words(count: int) -> str:
-        return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
-                        for _ in range(count))
+        return " ".join(
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10))) for _ in range(count)
+        )
 
     margin, y = 110, 120
     draw.text((margin, y), words(4).title(), font=heading, fill="black")
@@ -340,7 +340,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int, runs: in
 
     device_times(loop, device, 2)
     seconds = statistics.median(device_times(loop, device, runs))
-    del a, b, out
+    a = b = out = None  # let the device memory go (the closure still holds the names)
     return 2 * size**3 * iterations / seconds / 1e12
 
 
@@ -436,7 +436,7 @@ def measure(
         row.tflops = flops[key] / seconds / 1e12
         if opts.ceiling_tflops:
             row.ceiling_share = row.tflops / opts.ceiling_tflops
-    del inputs
+    inputs = None  # let the device memory go (the closure still holds the name)
     backend.embed(batch)  # warm-up of the embed path
     row.embed_per_s = row.batch / statistics.median(wall_times(lambda: backend.embed(batch), device, opts.runs))
     row.e2e_per_s = pipelined_rate(backend, raw, row.batch, opts.e2e_items, opts.threads)
@@ -464,8 +464,10 @@ def measure_sweep(
         except (torch.OutOfMemoryError, OutOfMemory) as exc:
             row.status = "OOM"
             oom_at = row.batch
-            print(f"  {row.model} {row.config} {row.input} batch {row.batch}: out of memory ({str(exc)[:120]})",
-                  file=sys.stderr)
+            print(
+                f"  {row.model} {row.config} {row.input} batch {row.batch}: out of memory ({str(exc)[:120]})",
+                file=sys.stderr,
+            )
         if backend.device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
@@ -536,7 +538,9 @@ def bench_model(name: str, args, opts: Options, configs: list[tuple]) -> tuple[d
                     if checkpoint is None:
                         checkpoint = tempfile.TemporaryDirectory(prefix=f"bench-{name}-", dir=args.workdir)
                         write_checkpoint(spec, args.device, config, processor, Path(checkpoint.name))
-                    backend = ColpaliBackend(run_spec.model_copy(update={"path": checkpoint.name}), args.device, Settings())
+                    backend = ColpaliBackend(
+                        run_spec.model_copy(update={"path": checkpoint.name}), args.device, Settings()
+                    )
                 backend.load()
                 synchronize(device)
                 print(f"{name} {label}: loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -581,10 +585,16 @@ def measure_prepare(
 ) -> dict:
     """`prepare` rates on one thread (PNG decode + processor for pages), and the token counts."""
     backend.prepare(pages[0])  # warm-up
-    page_s = [wall_times(lambda item=item: backend.prepare(item), torch.device("cpu"), 1)[0]
-              for _ in range(runs) for item in pages]
-    query_s = [wall_times(lambda item=item: backend.prepare(item), torch.device("cpu"), 1)[0]
-               for _ in range(runs) for item in queries]
+    page_s = [
+        wall_times(lambda item=item: backend.prepare(item), torch.device("cpu"), 1)[0]
+        for _ in range(runs)
+        for item in pages
+    ]
+    query_s = [
+        wall_times(lambda item=item: backend.prepare(item), torch.device("cpu"), 1)[0]
+        for _ in range(runs)
+        for item in queries
+    ]
     page = backend.prepare(pages[0])
     return {
         "visual_tokens_per_page": page.n_tokens,
@@ -600,7 +610,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
         return "-"
     if value == 0 or abs(value) >= 10 ** (digits - 1):
         return f"{value:.0f}"
-    return f"{value:.{max(digits - 1 - int(math.floor(math.log10(abs(value)))), 0)}f}"
+    return f"{value:.{max(digits - 1 - math.floor(math.log10(abs(value))), 0)}f}"
 
 
 def markdown(meta: dict, summaries: list[dict], rows: list[Row]) -> str:
@@ -657,13 +667,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=sorted(MODEL_CLASSES), default=["colqwen2_5", "colmodernvbert"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="page batch sizes (default 1 2 4 8 16 32)")
     parser.add_argument("--query-batch-sizes", nargs="+", type=int, default=[1, 64])
-    parser.add_argument("--configs", nargs="+", choices=["sdpa", "fa2", "nf4"], default=["sdpa", "fa2", "nf4"],
-                        help="bf16 + SDPA, bf16 + FlashAttention 2, NF4 4-bit (each where it can run)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=["sdpa", "fa2", "nf4"],
+        default=["sdpa", "fa2", "nf4"],
+        help="bf16 + SDPA, bf16 + FlashAttention 2, NF4 4-bit (each where it can run)",
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--max-visual-tokens", type=int, help="visual tokens per page (default 768; tiny: 64)")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints of make_tiny_models.py (smoke test)")
-    parser.add_argument("--tiny-dir", type=Path,
-                        default=Path(os.environ.get("EMBEDQ_TINY_MODELS_DIR", ROOT / "tiny-models")))
+    parser.add_argument(
+        "--tiny-dir", type=Path, default=Path(os.environ.get("EMBEDQ_TINY_MODELS_DIR", ROOT / "tiny-models"))
+    )
     parser.add_argument("--quick", action="store_true", help="fewer runs and batch sizes")
     parser.add_argument("--runs", type=int, help="timed runs per figure, median reported (default 5; quick 3)")
     parser.add_argument("--matmul-size", type=int, help="side of the ceiling matmul (default 8192; CPU 1024)")

@@ -53,15 +53,17 @@ def measure_ceiling(spec, pdf: bytes, threads: int) -> dict:
     import torch
 
     from common.inputs.documents import count_pdf_pages, render_pdf_pages
-    from common.settings import Settings
     from common.inputs.images import encode_png
+    from common.settings import Settings
     from workers.backends import create_backend
     from workers.backends.base import EmbedInput
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
     settings = Settings()
-    images = [image for _, image in render_pdf_pages(pdf, settings.pdf_dpi(count_pdf_pages(pdf)), settings.max_image_pixels)]
+    images = [
+        image for _, image in render_pdf_pages(pdf, settings.pdf_dpi(count_pdf_pages(pdf)), settings.max_image_pixels)
+    ]
     render_s = time.perf_counter() - started
     pages = [encode_png(image) for image in images]
     backend = create_backend(spec, "cpu", settings)
@@ -92,12 +94,17 @@ def run_service_jobs(env: dict, logs: Path, pages: int, runs: int) -> list[float
     api, base = start_api(env, logs / "api.log")
     children.append(api)
     try:
-        httpx.post(f"{base}/v1/collections", json={"name": "bench_ingest", "model": MODEL}, timeout=60).raise_for_status()
+        httpx.post(
+            f"{base}/v1/collections", json={"name": "bench_ingest", "model": MODEL}, timeout=60
+        ).raise_for_status()
         rates = []
         for run in range(runs):
             pdf = make_pdf(pages, seed=100 + run)
-            response = httpx.post(f"{base}/v1/collections/bench_ingest/documents",
-                                  files=[("files", (f"doc{run}.pdf", pdf, "application/pdf"))], timeout=60)
+            response = httpx.post(
+                f"{base}/v1/collections/bench_ingest/documents",
+                files=[("files", (f"doc{run}.pdf", pdf, "application/pdf"))],
+                timeout=60,
+            )
             response.raise_for_status()
             job_id = response.json()["id"]
             deadline = time.monotonic() + 600
@@ -120,33 +127,51 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
+    from common.registry import ModelSpec
     from tests.stack import test_env
     from tests.tiny_models import tiny_models_dir
 
-    from common.registry import ModelSpec
-
     path = tiny_models_dir() / MODEL
-    spec = ModelSpec(name=MODEL, backend="colpali", model_class="ColQwen2", path=str(path), device="cpu",
-                     modalities=["text", "image"])
+    spec = ModelSpec(
+        name=MODEL,
+        backend="colpali",
+        model_class="ColQwen2",
+        path=str(path),
+        device="cpu",
+        modalities=["text", "image"],
+    )
     ceiling = measure_ceiling(spec, make_pdf(args.pages, seed=1), args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = tmp / "models.yaml"
-        config.write_text(f"models:\n  - name: {MODEL}\n    backend: colpali\n    model_class: ColQwen2\n"
-                          f"    path: {path}\n    device: cpu\n    modalities: [text, image]\n")
+        config.write_text(
+            f"models:\n  - name: {MODEL}\n    backend: colpali\n    model_class: ColQwen2\n"
+            f"    path: {path}\n    device: cpu\n    modalities: [text, image]\n"
+        )
         redis_url, redis_proc = procs.redis_or_embedded(os.environ.get("EMBEDQ_REDIS_URL"), tmp / "redis")
         with MilvusLiteServer(tmp / "milvus", procs.free_port()) as milvus:
-            env = test_env(redis_url, config, EMBEDQ_MILVUS_URI=milvus.uri, EMBEDQ_CPU_THREADS=str(args.threads),
-                           EMBEDQ_TASK_EVENTS="false", EMBEDQ_VISIBILITY_TIMEOUT_S="30", EMBEDQ_REQUEST_TIMEOUT_S="60")
+            env = test_env(
+                redis_url,
+                config,
+                EMBEDQ_MILVUS_URI=milvus.uri,
+                EMBEDQ_CPU_THREADS=str(args.threads),
+                EMBEDQ_TASK_EVENTS="false",
+                EMBEDQ_VISIBILITY_TIMEOUT_S="30",
+                EMBEDQ_REQUEST_TIMEOUT_S="60",
+            )
             try:
                 rates = run_service_jobs(env, tmp, args.pages, args.runs)
             finally:
                 procs.stop([redis_proc] if redis_proc else [])
     service = statistics.median(rates)
-    print(f"# ingestion of a {args.pages}-page PDF (tiny ColQwen2, CPU, {args.threads} threads, {os.cpu_count()} cores)")
+    print(
+        f"# ingestion of a {args.pages}-page PDF (tiny ColQwen2, CPU, {args.threads} threads, {os.cpu_count()} cores)"
+    )
     print("| measure | pages/s |\n|---|---:|")
     print(f"| rendering alone (pypdfium2, policy DPI), in-process | {ceiling['render_pages_per_s']:.1f} |")
-    print(f"| in-process ceiling: the backend at its best batch size ({ceiling['batch_size']}) | {ceiling['ceiling_pages_per_s']:.1f} |")
+    print(
+        f"| in-process ceiling: the backend at its best batch size ({ceiling['batch_size']}) | {ceiling['ceiling_pages_per_s']:.1f} |"
+    )
     print(f"| service, upload → job completed (median of {args.runs}) | {service:.1f} |")
     print(f"| ratio | {service / ceiling['ceiling_pages_per_s']:.2f} |")
 

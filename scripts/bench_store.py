@@ -44,8 +44,8 @@ import torch  # noqa: E402
 
 from common.launch import procs  # noqa: E402
 from common.launch.milvus_lite import MilvusLiteServer  # noqa: E402
-from common.store.milvus import MilvusStore, PageRecord  # noqa: E402
 from common.store.changes import PageChanges  # noqa: E402
+from common.store.milvus import MilvusStore, PageRecord  # noqa: E402
 from workers.search.scan import Searcher  # noqa: E402
 
 WRITE_PAGES = 256
@@ -89,9 +89,22 @@ def _rss_gb() -> float:
     return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
 
 
-def bench_search(uri: str, client: redis.Redis, pages: int, server_pid: int | None = None, *, tokens: int = 736, dim: int = 128, queries: int = 50,
-                 query_tokens: int = 20, targets: int = 1, noise: float = 1.0, top_k: int = 10, seed: int = 0,
-                 collection: str = "bench_store") -> dict:
+def bench_search(
+    uri: str,
+    client: redis.Redis,
+    pages: int,
+    server_pid: int | None = None,
+    *,
+    tokens: int = 736,
+    dim: int = 128,
+    queries: int = 50,
+    query_tokens: int = 20,
+    targets: int = 1,
+    noise: float = 1.0,
+    top_k: int = 10,
+    seed: int = 0,
+    collection: str = "bench_store",
+) -> dict:
     """Fill `collection` (dropped first and after) with random pages, then time and score searches."""
     rng = np.random.default_rng(seed)
     store = MilvusStore(uri, changes=PageChanges(client))
@@ -136,13 +149,16 @@ def bench_search(uri: str, client: redis.Redis, pages: int, server_pid: int | No
             hit_targets.append(len(set(ids) & set(chosen[q])) / targets)
             score_error = max(score_error, *(abs(h["score"] / exact[q, i] - 1) for h, i in zip(hits, ids)))
         latencies.sort()
-        result["runs"].append({
-            "queries": kind, "p50_ms": round(statistics.median(latencies), 1),
-            "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
-            f"recall@{top_k}": round(float(np.mean(recall)), 3),
-            f"targets@{top_k}": round(float(np.mean(hit_targets)), 3) if kind == "planted" else "-",
-            "score_rel_err": float(f"{score_error:.1e}"),
-        })
+        result["runs"].append(
+            {
+                "queries": kind,
+                "p50_ms": round(statistics.median(latencies), 1),
+                "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
+                f"recall@{top_k}": round(float(np.mean(recall)), 3),
+                f"targets@{top_k}": round(float(np.mean(hit_targets)), 3) if kind == "planted" else "-",
+                "score_rel_err": float(f"{score_error:.1e}"),
+            }
+        )
     store.drop_collection(collection)
     store.close()
     return result
@@ -159,8 +175,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=1.0)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the search worker runs: its searcher's threads share the cores out
-    options = dict(queries=args.queries, tokens=args.tokens, query_tokens=args.query_tokens,
-                   targets=args.targets, noise=args.noise)
+    options = dict(
+        queries=args.queries, tokens=args.tokens, query_tokens=args.query_tokens, targets=args.targets, noise=args.noise
+    )
     print(f"options: {options}; {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         redis_url, redis_proc = procs.redis_or_embedded(os.environ.get("EMBEDQ_REDIS_URL"), Path(tmp) / "redis")

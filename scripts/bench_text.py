@@ -29,9 +29,34 @@ sys.path.insert(0, str(ROOT))
 
 from common.launch import procs  # noqa: E402
 
-MODULES = ["json", "os", "collections", "asyncio", "pathlib", "argparse", "logging", "email", "http.client",
-           "unittest", "subprocess", "threading", "datetime", "decimal", "fractions", "statistics", "textwrap",
-           "shutil", "tarfile", "zipfile", "csv", "sqlite3", "socket", "ssl", "urllib.request", "xml.dom.minidom"]
+MODULES = [
+    "json",
+    "os",
+    "collections",
+    "asyncio",
+    "pathlib",
+    "argparse",
+    "logging",
+    "email",
+    "http.client",
+    "unittest",
+    "subprocess",
+    "threading",
+    "datetime",
+    "decimal",
+    "fractions",
+    "statistics",
+    "textwrap",
+    "shutil",
+    "tarfile",
+    "zipfile",
+    "csv",
+    "sqlite3",
+    "socket",
+    "ssl",
+    "urllib.request",
+    "xml.dom.minidom",
+]
 
 
 def stdlib_sentences(count: int, seed: int = 0) -> list[str]:
@@ -71,6 +96,7 @@ def measure_ceiling(model_dir: str, texts: list[str], threads: int) -> dict:
             model.encode(texts, batch_size=batch_size)
             runs.append(len(texts) / (time.perf_counter() - started))
         best[batch_size] = statistics.median(runs)
+
     def single_ms(pause_s: float) -> float:
         times = []
         for text in texts[:200]:
@@ -83,8 +109,13 @@ def measure_ceiling(model_dir: str, texts: list[str], threads: int) -> dict:
     batch_size = max(best, key=best.get)
     # Back to back, and after a pause like the gap between one client's requests: cores that
     # idled start the next forward slower.
-    return {"texts_per_s": best[batch_size], "batch_size": batch_size, "by_batch_size": best,
-            "single_forward_ms_p50": single_ms(0), "single_forward_after_pause_ms_p50": single_ms(PAUSE_S)}
+    return {
+        "texts_per_s": best[batch_size],
+        "batch_size": batch_size,
+        "by_batch_size": best,
+        "single_forward_ms_p50": single_ms(0),
+        "single_forward_after_pause_ms_p50": single_ms(PAUSE_S),
+    }
 
 
 class Connection:
@@ -97,8 +128,10 @@ class Connection:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         self.writer.write(head + body)
         status_line = await self.reader.readline()
         length = 0
@@ -110,8 +143,10 @@ class Connection:
 
 
 async def drive(port: int, model: str, texts: list[str], concurrency: int, per_request: int, seconds: float) -> dict:
-    bodies = [json.dumps({"model": model, "input": texts[i:i + per_request], "encoding_format": "base64"}).encode()
-              for i in range(0, len(texts) - per_request + 1, per_request)]
+    bodies = [
+        json.dumps({"model": model, "input": texts[i : i + per_request], "encoding_format": "base64"}).encode()
+        for i in range(0, len(texts) - per_request + 1, per_request)
+    ]
     latencies: list[float] = []
     done_texts = 0
     errors = 0
@@ -138,9 +173,15 @@ async def drive(port: int, model: str, texts: list[str], concurrency: int, per_r
     await asyncio.gather(*(client(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - started
     latencies.sort()
-    return {"concurrency": concurrency, "per_request": per_request, "texts_per_s": done_texts / elapsed,
-            "p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-            "requests": len(latencies), "errors": errors}
+    return {
+        "concurrency": concurrency,
+        "per_request": per_request,
+        "texts_per_s": done_texts / elapsed,
+        "p50_ms": latencies[len(latencies) // 2],
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "requests": len(latencies),
+        "errors": errors,
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -154,10 +195,16 @@ def start_service(model: str, threads: int, logs: Path) -> tuple[list, int]:
 
     redis_url, redis_proc = procs.redis_or_embedded(os.environ.get("EMBEDQ_REDIS_URL"), logs / "redis")
     children = [redis_proc] if redis_proc else []
-    env = test_env(redis_url, Path(os.environ.get("EMBEDQ_MODELS_FILE", ROOT / "models.yaml")),
-                   EMBEDQ_CPU_THREADS=str(threads), EMBEDQ_WORKER_CONCURRENCY="128", EMBEDQ_TASK_EVENTS="false",
-                   # production timeouts, not the tests' short ones
-                   EMBEDQ_VISIBILITY_TIMEOUT_S="30", EMBEDQ_REQUEST_TIMEOUT_S="60")
+    env = test_env(
+        redis_url,
+        Path(os.environ.get("EMBEDQ_MODELS_FILE", ROOT / "models.yaml")),
+        EMBEDQ_CPU_THREADS=str(threads),
+        EMBEDQ_WORKER_CONCURRENCY="128",
+        EMBEDQ_TASK_EVENTS="false",
+        # production timeouts, not the tests' short ones
+        EMBEDQ_VISIBILITY_TIMEOUT_S="30",
+        EMBEDQ_REQUEST_TIMEOUT_S="60",
+    )
     children.append(start_worker(env, model, logs / "worker.log"))
     api, base = start_api(env, logs / "api.log")
     children.append(api)
@@ -182,24 +229,33 @@ def main() -> None:
     texts = stdlib_sentences(args.texts)
     ceiling = measure_ceiling(spec.resolved_path(), texts, args.threads)
     print(f"# {len(texts)} stdlib docstring sentences, {args.threads} CPU threads, {os.cpu_count()} cores")
-    print(f"ceiling (in-process encode, best batch size {ceiling['batch_size']}): {ceiling['texts_per_s']:.0f} texts/s; "
-          f"one bare forward (1 text) p50 {ceiling['single_forward_ms_p50']:.2f} ms back to back, "
-          f"{ceiling['single_forward_after_pause_ms_p50']:.2f} ms after a {PAUSE_S * 1000:.0f} ms pause")
+    print(
+        f"ceiling (in-process encode, best batch size {ceiling['batch_size']}): {ceiling['texts_per_s']:.0f} texts/s; "
+        f"one bare forward (1 text) p50 {ceiling['single_forward_ms_p50']:.2f} ms back to back, "
+        f"{ceiling['single_forward_after_pause_ms_p50']:.2f} ms after a {PAUSE_S * 1000:.0f} ms pause"
+    )
     children, port = start_service(args.model, args.threads, args.logs)
     worker, api = children[-2:]
     try:
-        print("| concurrency | texts/request | texts/s | p50 ms | p99 ms | ratio to ceiling | errors "
-              "| API CPU ms/request | worker CPU ms/request |")
+        print(
+            "| concurrency | texts/request | texts/s | p50 ms | p99 ms | ratio to ceiling | errors "
+            "| API CPU ms/request | worker CPU ms/request |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for per_request in args.per_request:
             for concurrency in args.concurrency:
                 asyncio.run(drive(port, args.model, texts, concurrency, per_request, 2))  # warm-up
                 before = cpu_seconds(api.pid), cpu_seconds(worker.pid)
                 row = asyncio.run(drive(port, args.model, texts, concurrency, per_request, args.seconds))
-                api_ms, worker_ms = (1e3 * (cpu_seconds(p.pid) - b) / row["requests"] for p, b in zip((api, worker), before))
-                print(f"| {concurrency} | {per_request} | {row['texts_per_s']:.0f} | {row['p50_ms']:.1f} | "
-                      f"{row['p99_ms']:.1f} | {row['texts_per_s'] / ceiling['texts_per_s']:.2f} | {row['errors']} "
-                      f"| {api_ms:.1f} | {worker_ms:.1f} |", flush=True)
+                api_ms, worker_ms = (
+                    1e3 * (cpu_seconds(p.pid) - b) / row["requests"] for p, b in zip((api, worker), before)
+                )
+                print(
+                    f"| {concurrency} | {per_request} | {row['texts_per_s']:.0f} | {row['p50_ms']:.1f} | "
+                    f"{row['p99_ms']:.1f} | {row['texts_per_s'] / ceiling['texts_per_s']:.2f} | {row['errors']} "
+                    f"| {api_ms:.1f} | {worker_ms:.1f} |",
+                    flush=True,
+                )
     finally:
         procs.stop(children)
 

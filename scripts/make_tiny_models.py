@@ -17,12 +17,12 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.backends.torch_compat import ensure_torchvision  # noqa: E402
+from workers.backends.torch_compat import ensure_torchvision
 
 ensure_torchvision()
 
@@ -61,13 +61,15 @@ def build_colqwen(out: Path, version: str) -> None:
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     if version == "2":
-        from colpali_engine.models import ColQwen2 as model_cls, ColQwen2Processor as processor_cls
+        from colpali_engine.models import ColQwen2 as model_cls
+        from colpali_engine.models import ColQwen2Processor as processor_cls
         from transformers import Qwen2VLConfig as config_cls
 
         # Qwen2-VL's patch merger projects to `hidden_size`: it must be the text hidden size.
         vision = dict(depth=1, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2)
     else:
-        from colpali_engine.models import ColQwen2_5 as model_cls, ColQwen2_5_Processor as processor_cls
+        from colpali_engine.models import ColQwen2_5 as model_cls
+        from colpali_engine.models import ColQwen2_5_Processor as processor_cls
         from transformers import Qwen2_5_VLConfig as config_cls
 
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56)
@@ -103,12 +105,14 @@ def build_idefics3_style(out: Path, family: str) -> None:
     from transformers import Idefics3ImageProcessor
 
     if family == "colmodernvbert":
-        from colpali_engine.models import ColModernVBert as model_cls, ColModernVBertProcessor as processor_cls
+        from colpali_engine.models import ColModernVBert as model_cls
+        from colpali_engine.models import ColModernVBertProcessor as processor_cls
         from transformers import ModernVBertConfig as config_cls
 
         bos, scale_key = "<|begin_of_text|>", "pixel_shuffle_factor"
     else:
-        from colpali_engine.models import ColIdefics3 as model_cls, ColIdefics3Processor as processor_cls
+        from colpali_engine.models import ColIdefics3 as model_cls
+        from colpali_engine.models import ColIdefics3Processor as processor_cls
         from transformers import Idefics3Config as config_cls
 
         bos, scale_key = "<|im_start|>", "scale_factor"

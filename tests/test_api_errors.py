@@ -11,8 +11,8 @@ import redis
 
 from api.dispatch import CAPACITY_TTL_S
 from common import keys
-from common.launch import procs
 from common.contract import embed_queue
+from common.launch import procs
 
 from .conftest import MINILM
 from .stack import start_api
@@ -48,7 +48,9 @@ def test_malformed_bodies_are_400(api_url):
     assert_error(post(api_url, {"model": MINILM, "input": [1, "a"]}), 400, "input")
     assert_error(post(api_url, {"model": MINILM}), 400, "input")
     assert_error(post(api_url, {"model": MINILM, "input": "a", "encoding_format": "hex"}), 400)
-    response = httpx.post(f"{api_url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{api_url}/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert_error(response, 400)
 
 
@@ -63,7 +65,9 @@ def test_bad_dimensions_is_400(api_url, dimensions):
 
 def test_truncate_false_refuses_overlong_input(api_url):
     long_text = "tokens " * 400
-    error = assert_error(post(api_url, {"model": MINILM, "input": ["short", long_text], "truncate": False}), 400, "input")
+    error = assert_error(
+        post(api_url, {"model": MINILM, "input": ["short", long_text], "truncate": False}), 400, "input"
+    )
     assert error["code"] == "context_length_exceeded"
     assert "256" in error["message"]
 
@@ -112,7 +116,9 @@ def test_api_keys(strict_api):
     client = openai.OpenAI(base_url=f"{strict_api}/v1", api_key="key-one", max_retries=0)
     assert len(client.embeddings.create(model=MINILM, input="hi").data) == 1
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{strict_api}/v1", api_key="bad", max_retries=0).embeddings.create(model=MINILM, input="hi")
+        openai.OpenAI(base_url=f"{strict_api}/v1", api_key="bad", max_retries=0).embeddings.create(
+            model=MINILM, input="hi"
+        )
 
 
 def test_body_over_limit_is_413(strict_api):
@@ -125,7 +131,9 @@ def test_body_over_limit_is_413(strict_api):
             yield b"a" * 1000
         yield b'"}'
 
-    response = httpx.post(f"{strict_api}/v1/embeddings", content=chunks(), headers={**AUTH, "content-type": "application/json"})
+    response = httpx.post(
+        f"{strict_api}/v1/embeddings", content=chunks(), headers={**AUTH, "content-type": "application/json"}
+    )
     assert_error(response, 413)
 
 

@@ -125,7 +125,7 @@ def test_text_goes_before_images(make):
 
 def test_out_of_memory_splits_and_only_the_too_big_one_fails(make):
     def too_big(costs):
-        return len(costs) > 1 and sum(costs) > 10 or costs == [99]
+        return (len(costs) > 1 and sum(costs) > 10) or costs == [99]
 
     too_big.error = OutOfMemory("CUDA out of memory (simulated)")
     run = Recorder(fail_when=too_big)

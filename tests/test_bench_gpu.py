@@ -117,8 +117,9 @@ def test_out_of_memory_batch_is_reported_and_larger_ones_skipped():
     config, processor = module.tiny_size(name, module.parse_args(["--tiny"]).tiny_dir)
     model_class = module.MODEL_CLASSES[name]
     spec = module.ModelSpec(name=name, backend="colpali", path="-", dtype="fp32", model_class=model_class)
-    backend = module.InMemoryBackend(spec.model_copy(update={"attention": "sdpa", "max_num_visual_tokens": 64}),
-                                     "cpu", config, processor)
+    backend = module.InMemoryBackend(
+        spec.model_copy(update={"attention": "sdpa", "max_num_visual_tokens": 64}), "cpu", config, processor
+    )
     backend.load()
     backend.model = OomAbove(backend.model, limit=2)
     raw = module.query_inputs()[:4]

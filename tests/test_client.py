@@ -13,10 +13,10 @@ import redis
 from celery import Celery
 from PIL import Image
 
-from common.launch import procs
 from common.client import EmbedqClient
-from common.errors import InputTooLong, ServiceUnavailable
 from common.contract import embed_queue
+from common.errors import InputTooLong, ServiceUnavailable
+from common.launch import procs
 
 from .conftest import MINILM
 from .stack import start_worker
@@ -122,8 +122,9 @@ def test_plain_celery_send_task(stack_env, minilm_worker, reference_minilm):
     finally:
         app.close()
     dtype = np.dtype(answer["dtype"]).newbyteorder("<")
-    vectors = np.stack([np.frombuffer(raw, dtype).reshape(shape)
-                        for raw, shape in zip(answer["data"], answer["shapes"])])
+    vectors = np.stack(
+        [np.frombuffer(raw, dtype).reshape(shape) for raw, shape in zip(answer["data"], answer["shapes"])]
+    )
     assert cosine_rows(vectors, reference_minilm.encode(TEXTS)).min() >= 0.9999
 
 

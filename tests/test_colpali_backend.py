@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 
+import colpali_engine.models as colpali_models
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
-import colpali_engine.models as colpali_models
 from common.errors import InputTooLong, InvalidRequest
 from common.registry import ModelSpec
 from common.settings import Settings
@@ -102,7 +102,7 @@ def family(request):
 
 
 def test_token_vectors_equal_the_models_own_rows(family):
-    name, backend, processor, outputs = family
+    name, backend, _processor, outputs = family
     assert backend.dim == 128
     for kind, (ours, reference, batch) in outputs.items():
         if kind != "images" or name != "colpali":  # ColPali pages are all one length
@@ -115,7 +115,7 @@ def test_token_vectors_equal_the_models_own_rows(family):
 
 
 def test_rows_are_the_inputs_own_length_alone(family):
-    name, backend, processor, outputs = family
+    _name, _backend, processor, outputs = family
     images, _, _ = outputs["images"]
     for data, vectors in zip(PAGES, images):
         alone = processor.process_images([Image.open(io.BytesIO(data))])

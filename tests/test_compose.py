@@ -246,8 +246,14 @@ def test_dashboard_queries_name_exported_metrics():
                 else:
                     assert re.sub(r"_(bucket|sum|count)$", "", name) in flower_names, f"{panel['title']}: {name}"
                 used.add(name)
-    for wanted in ["embedq_http_request_duration_seconds_bucket", "embedq_queue_depth", "embedq_workers_alive",
-                   "embedq_worker_batches_total", "embedq_worker_items_total", "embedq_worker_oom_splits_total"]:
+    for wanted in [
+        "embedq_http_request_duration_seconds_bucket",
+        "embedq_queue_depth",
+        "embedq_workers_alive",
+        "embedq_worker_batches_total",
+        "embedq_worker_items_total",
+        "embedq_worker_oom_splits_total",
+    ]:
         assert wanted in used, f"no panel shows {wanted}"
 
 

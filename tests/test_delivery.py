@@ -13,14 +13,14 @@ import msgpack
 import pytest
 import redis
 
-from common.delivery.app import create_celery_app
 from common import keys
+from common.contract import EMBED_TASK, INDEX_PAGES_TASK, embed_queue
 from common.delivery import heartbeat
+from common.delivery.app import create_celery_app
 from common.delivery.lost import UNACKED_KEY, missing_tasks, queue_lists
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore, UploadedFile
 from common.keys import result_channel
-from common.contract import EMBED_TASK, INDEX_PAGES_TASK, embed_queue
 from common.settings import Settings
 
 MODEL = "delivery-probe"
@@ -32,8 +32,12 @@ def test_only_tasks_in_no_place_are_missing(redis_url):
     queue = embed_queue(MODEL, "text")
     queued, urgent, held, answered, lost = (str(uuid.uuid4()) for _ in range(5))
     for task_id, priority in ((held, None), (lost, None), (queued, None), (urgent, 9)):
-        celery.send_task(EMBED_TASK, kwargs={"model": MODEL, "modality": "text", "inputs": [{"text": "x" * 100_000}]},
-                         task_id=task_id, priority=priority)
+        celery.send_task(
+            EMBED_TASK,
+            kwargs={"model": MODEL, "modality": "text", "inputs": [{"text": "x" * 100_000}]},
+            task_id=task_id,
+            priority=priority,
+        )
     try:
         # Take `held` and `lost` off the queue the way a worker's BRPOP does (oldest first); record
         # `held` in the unacked hash the way kombu then does, and let `lost` go with a dead worker.

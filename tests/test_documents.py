@@ -126,10 +126,7 @@ def test_a_page_too_large_for_the_pixel_limit_renders_smaller():
 )
 def test_corrupt_pdf_is_a_400_when_opened(data):
     message = refusal(InvalidRequest, count_pdf_pages, data)
-    assert (
-        message
-        == "the PDF could not be opened: Failed to load document (PDFium: Data format error)."
-    )
+    assert message == "the PDF could not be opened: Failed to load document (PDFium: Data format error)."
     # refused at the call, before any page is asked for
     assert refusal(InvalidRequest, render_pdf_pages, data, 200, DEFAULTS.max_image_pixels) == message
 
@@ -161,11 +158,7 @@ def test_office_file_converts_through_soffice(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     assert count_pdf_pages(convert_office_to_pdf(b"docx bytes", "report.docx", 60)) == 2
     args = (tmp_path / "args").read_text()
-    assert (
-        "--headless" in args
-        and "--convert-to pdf" in args
-        and "-env:UserInstallation=file://" in args
-    )
+    assert "--headless" in args and "--convert-to pdf" in args and "-env:UserInstallation=file://" in args
     assert args.rstrip().endswith("/document.docx")
 
 

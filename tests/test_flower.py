@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
+from common.contract import embed_queue
 from common.launch import procs
 from common.launch.flower import is_loopback
-from common.contract import embed_queue
 
 from .conftest import MINILM, ROOT
 
@@ -22,7 +22,10 @@ def flower_url(stack_env, minilm_worker, logs):
     with open(logs / "flower.log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", f"from common.launch.flower import run_flower; run_flower(port={port})"],
-            env=stack_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=stack_env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         procs.wait_for_port(port, 30, proc)

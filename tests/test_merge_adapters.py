@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from colpali_engine.models import ColQwen2, ColQwen2Processor
+from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
-from colpali_engine.models import ColQwen2, ColQwen2Processor
 from common.registry import ModelSpec
 from common.settings import Settings
-from peft import LoraConfig, get_peft_model
 from tests.tiny_models import tiny_models_dir
 from workers.backends.base import EmbedInput
 from workers.backends.colpali import create
@@ -47,9 +47,23 @@ def test_merged_model_equals_base_plus_adapter(tmp_path):
 
     merged = tmp_path / "merged"
     subprocess.run(  # as a user runs it
-        [sys.executable, "-m", "common.launch.cli", "merge-adapters", "--base", str(base),
-         "--adapter", str(tmp_path / "adapter"), "--out", str(merged), "--dtype", "fp32"],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "common.launch.cli",
+            "merge-adapters",
+            "--base",
+            str(base),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(merged),
+            "--dtype",
+            "fp32",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     assert not list(merged.glob("adapter_*"))
     spec = ModelSpec(name="merged", backend="colpali", model_class="ColQwen2", path=str(merged))

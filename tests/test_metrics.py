@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.main import create_app
 from api.metrics import RequestMetrics
 from common import keys
-from common.launch import procs
 from common.contract import embed_queue
+from common.launch import procs
 from common.settings import Settings
 
 TEXT_MODEL = "mini"
@@ -61,8 +61,14 @@ def stored(settings):
     client.zadd(keys.workers_alive(TEXT_MODEL, "text"), {WORKER: now, STALE_WORKER: now - 3600})
     client.hset(
         keys.worker_stats(WORKER),
-        mapping={"model": TEXT_MODEL, "device": "cuda:0", "batches": 7, "items": 250, "oom_splits": 2,
-                 "failed_batches": 1},
+        mapping={
+            "model": TEXT_MODEL,
+            "device": "cuda:0",
+            "batches": 7,
+            "items": 250,
+            "oom_splits": 2,
+            "failed_batches": 1,
+        },
     )
     client.hset(keys.worker_stats(STALE_WORKER), mapping={"model": TEXT_MODEL, "device": "cpu", "batches": 1})
     yield client

@@ -7,12 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from common.launch import procs
 from common.errors import InvalidRequest, NotFound
+from common.launch import procs
 from common.launch.milvus_lite import MilvusLiteServer
 from common.store.milvus import ChunkRecord, MilvusStore, PageRecord
 
 from .pages import DIM, make_pages, page_collection, unit
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -104,7 +105,12 @@ def test_pages_read_back_whole(store, pages_collection):
     assert set(found) == {p.key for p in wanted}
     for page in wanted:
         got = found[page.key]
-        assert (got.doc_id, got.page, got.filename, got.metadata) == (page.doc_id, page.page, page.filename, page.metadata)
+        assert (got.doc_id, got.page, got.filename, got.metadata) == (
+            page.doc_id,
+            page.page,
+            page.filename,
+            page.metadata,
+        )
         np.testing.assert_array_equal(got.vectors, page.vectors)
     every = [p for batch in store.iter_pages("pages", batch=7) for p in batch]
     assert sorted(p.key for p in every) == sorted(p.key for p in pages_collection)
@@ -121,8 +127,10 @@ def test_delete_document(store, pages_collection):
 def test_text_chunks(store, rng):
     store.create_collection("chunks", "text", 64, "minilm")
     vectors = unit(rng.standard_normal((30, 64)))
-    chunks = [ChunkRecord(f"note-{i // 10}", i % 10, f"note-{i // 10}.txt", f"chunk text {i}", {"i": i}, vectors[i])
-              for i in range(30)]
+    chunks = [
+        ChunkRecord(f"note-{i // 10}", i % 10, f"note-{i // 10}.txt", f"chunk text {i}", {"i": i}, vectors[i])
+        for i in range(30)
+    ]
     store.upsert_chunks("chunks", chunks)
     store.upsert_chunks("chunks", chunks[:10])
     assert store.count("chunks") == 30

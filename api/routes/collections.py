@@ -13,10 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 
-from common.inputs.kinds import detect_kind
-from common.errors import InvalidRequest, NotFound, UnsupportedMediaType
-from common.jobs.state import UploadedFile
 from common.contract import INGEST_TASK
+from common.errors import InvalidRequest, NotFound, UnsupportedMediaType
+from common.inputs.kinds import detect_kind
+from common.jobs.state import UploadedFile
 
 from ..deps import Authorized, DispatcherDep, JobsDep, LazyStore, LedgerDep, RegistryDep, StoreDep
 from ..responses import json_response
@@ -38,7 +38,9 @@ async def _describe(store: LazyStore, name: str, with_count: bool = False) -> di
 
 
 @router.post("", status_code=201, summary="Create a collection bound to a served model")
-async def create_collection(body: CollectionCreate, registry: RegistryDep, dispatcher: DispatcherDep, store: StoreDep) -> Response:
+async def create_collection(
+    body: CollectionCreate, registry: RegistryDep, dispatcher: DispatcherDep, store: StoreDep
+) -> Response:
     spec = registry.get(body.model)
     if await store.call("has_collection", body.name):
         raise InvalidRequest(f"A collection '{body.name}' already exists.", "name")
@@ -89,7 +91,9 @@ def _per_file_metadata(raw: str | None, filenames: list[str]) -> list[dict[str, 
         if unknown:
             raise InvalidRequest(f"'metadata' names files that were not uploaded: {sorted(unknown)}", "metadata")
         return [parsed.get(name, {}) for name in filenames]
-    raise InvalidRequest("'metadata' must be a list of objects, one per file, or an object keyed by filename.", "metadata")
+    raise InvalidRequest(
+        "'metadata' must be a list of objects, one per file, or an object keyed by filename.", "metadata"
+    )
 
 
 def _check_kind(upload: UploadFile, data: bytes, collection: dict[str, Any]) -> None:
@@ -98,10 +102,13 @@ def _check_kind(upload: UploadFile, data: bytes, collection: dict[str, Any]) -> 
     if kind not in allowed:
         raise UnsupportedMediaType(
             f"'{upload.filename}' is {kind}; collection '{collection['name']}' ({collection['kind']}) takes "
-            f"{', '.join(sorted(allowed))}.", "files"
+            f"{', '.join(sorted(allowed))}.",
+            "files",
         )
     if kind == "office" and shutil.which("soffice") is None:
-        raise UnsupportedMediaType(f"'{upload.filename}' needs LibreOffice (soffice) on the PATH to be converted.", "files")
+        raise UnsupportedMediaType(
+            f"'{upload.filename}' needs LibreOffice (soffice) on the PATH to be converted.", "files"
+        )
 
 
 @router.post("/{name}/documents", status_code=202, summary="Upload files; returns a job to poll or stream")
@@ -112,7 +119,9 @@ async def upload_documents(name: str, request: Request, store: StoreDep, jobs: J
     if not uploads:
         raise InvalidRequest("Send one or more files in the multipart field 'files'.", "files")
     metadata_field = form.get("metadata")
-    metadata = _per_file_metadata(metadata_field if isinstance(metadata_field, str) else None, [u.filename or "" for u in uploads])
+    metadata = _per_file_metadata(
+        metadata_field if isinstance(metadata_field, str) else None, [u.filename or "" for u in uploads]
+    )
     files = []
     for upload, meta in zip(uploads, metadata):
         data = await upload.read()
@@ -121,9 +130,18 @@ async def upload_documents(name: str, request: Request, store: StoreDep, jobs: J
         files.append(UploadedFile(upload.filename or f"file{len(files)}", upload.content_type, data, meta, doc_id))
     job_id = await asyncio.to_thread(jobs.create, name, collection["model"], files)
     for index, file in enumerate(files):
-        await asyncio.to_thread(ledger.send, job_id, INGEST_TASK, {
-            "job_id": job_id, "index": index, "collection": name, "model": collection["model"],
-            "content_type": file.content_type})
+        await asyncio.to_thread(
+            ledger.send,
+            job_id,
+            INGEST_TASK,
+            {
+                "job_id": job_id,
+                "index": index,
+                "collection": name,
+                "model": collection["model"],
+                "content_type": file.content_type,
+            },
+        )
     return json_response(await asyncio.to_thread(jobs.get, job_id), 202)
 
 
@@ -135,8 +153,11 @@ async def search(name: str, body: SearchRequest, dispatcher: DispatcherDep, stor
         result = await dispatcher.embed(model, "text", [{"text": body.query}], output="multivector", input_type="query")
         hits = await dispatcher.search_pages(name, result.arrays[0], body.top_k, body.filter)
     else:
-        result = await dispatcher.embed(model, "text", [{"text": body.query}], output="pooled", input_type="query", normalize=True)
+        result = await dispatcher.embed(
+            model, "text", [{"text": body.query}], output="pooled", input_type="query", normalize=True
+        )
         hits = [asdict(hit) for hit in await store.call("search_text", name, result.arrays[0], body.top_k, body.filter)]
     tokens = sum(result.tokens)
-    return json_response({"object": "list", "data": hits, "model": model,
-                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return json_response(
+        {"object": "list", "data": hits, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    )

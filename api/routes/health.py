@@ -26,13 +26,24 @@ async def ready(client: RedisDep, registry: RegistryDep, settings: SettingsDep) 
     wanted = [(spec.name, modality) for spec in registry for modality in spec.modalities]
     try:
         async with client.pipeline(transaction=False) as pipe:
-            for key in [*(keys.workers_alive(model, modality) for model, modality in wanted),
-                        keys.INGEST_WORKERS_ALIVE, keys.SEARCH_WORKERS_ALIVE]:
+            for key in [
+                *(keys.workers_alive(model, modality) for model, modality in wanted),
+                keys.INGEST_WORKERS_ALIVE,
+                keys.SEARCH_WORKERS_ALIVE,
+            ]:
                 live_workers(pipe, key, settings.worker_heartbeat_ttl_s)
             *counts, ingest_workers, search_workers = map(len, await pipe.execute())
     except Exception as exc:
         return JSONResponse({"status": "unavailable", "redis": f"error: {exc}"}, 503)
     workers = {f"{model}/{modality}": count for (model, modality), count in zip(wanted, counts)}
     ok = all(counts)
-    return JSONResponse({"status": "ready" if ok else "starting", "redis": "ok", "workers": workers,
-                         "ingest_workers": ingest_workers, "search_workers": search_workers}, 200 if ok else 503)
+    return JSONResponse(
+        {
+            "status": "ready" if ok else "starting",
+            "redis": "ok",
+            "workers": workers,
+            "ingest_workers": ingest_workers,
+            "search_workers": search_workers,
+        },
+        200 if ok else 503,
+    )

@@ -106,9 +106,11 @@ class _Families:
 def render(http: HttpStats, reading: RedisReading | None, resent: int = 0) -> bytes:
     """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them."""
     families = list(http.collect())
-    families.append(CounterMetricFamily(
-        "embedq_tasks_resent", "Online tasks sent again because the broker lost them (api.results).", value=resent
-    ))
+    families.append(
+        CounterMetricFamily(
+            "embedq_tasks_resent", "Online tasks sent again because the broker lost them (api.results).", value=resent
+        )
+    )
     if reading is not None:
         families += reading.collect()
     families.append(

@@ -26,7 +26,14 @@ def _check_output(spec: ModelSpec, output: str) -> None:
         raise InvalidRequest(f"The model '{spec.name}' gives one vector per input; use output 'pooled'.", "output")
 
 
-async def _embed(dispatcher, spec: ModelSpec, modality: str, inputs: list[dict[str, Any]], options: _LateInteractionOptions, **extra: Any) -> Response:
+async def _embed(
+    dispatcher,
+    spec: ModelSpec,
+    modality: str,
+    inputs: list[dict[str, Any]],
+    options: _LateInteractionOptions,
+    **extra: Any,
+) -> Response:
     _check_output(spec, options.output)
     result = await dispatcher.embed(
         spec.name, modality, inputs, output=options.output, normalize=options.normalize, dtype=options.dtype, **extra
@@ -35,7 +42,9 @@ async def _embed(dispatcher, spec: ModelSpec, modality: str, inputs: list[dict[s
 
 
 @router.post("/text", summary="Embed queries or text passages (pooled or multi-vector)")
-async def embed_text(body: TextEmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep) -> Response:
+async def embed_text(
+    body: TextEmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep
+) -> Response:
     spec = registry.get(body.model)
     inputs = text_inputs(body.input, settings.max_inputs)
     return await _embed(dispatcher, spec, "text", inputs, body, input_type=body.input_type, truncate=body.truncate)
@@ -95,7 +104,9 @@ _IMAGE_BODY = {
 
 
 @router.post("/image", summary="Embed page images (pooled or multi-vector)", openapi_extra=_IMAGE_BODY)
-async def embed_image(request: Request, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep) -> Response:
+async def embed_image(
+    request: Request, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep
+) -> Response:
     options, images = await _read_image_request(request)
     spec = registry.get(options.model)
     if "image" not in spec.modalities:

@@ -45,4 +45,3 @@ def create_celery_app(settings: Settings) -> Celery:
         task_send_sent_event=settings.task_events,
     )
     return app
-

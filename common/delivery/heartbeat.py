@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -38,8 +39,12 @@ def beat(client: redis.Redis, sets: list[str], name: str, ttl_s: float) -> None:
 
 
 def start_heartbeat(
-    client: redis.Redis, sets: list[str], name: str, ttl_s: float,
-    alive: Callable[[], bool] = lambda: True, extra: Callable[[], None] = lambda: None,
+    client: redis.Redis,
+    sets: list[str],
+    name: str,
+    ttl_s: float,
+    alive: Callable[[], bool] = lambda: True,
+    extra: Callable[[], None] = lambda: None,
 ) -> threading.Thread:
     """A daemon thread that beats every third of `ttl_s` while `alive()`, running `extra` after
     each beat, and takes the name out of the sets when `alive()` turns false."""

@@ -82,9 +82,7 @@ def convert_office_to_pdf(data: bytes, filename: str, timeout: float) -> bytes:
             scratch,
             str(source),
         ]
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             output, _ = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -92,18 +90,11 @@ def convert_office_to_pdf(data: bytes, filename: str, timeout: float) -> bytes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-            raise InvalidRequest(
-                f"LibreOffice took longer than {timeout:g}s to convert {filename!r}", PARAM
-            ) from None
+            raise InvalidRequest(f"LibreOffice took longer than {timeout:g}s to convert {filename!r}", PARAM) from None
         target = source.with_suffix(".pdf")
         if process.returncode != 0 or not target.is_file():
-            detail = (
-                output.decode(errors="replace").strip()[-500:]
-                or f"exit status {process.returncode}"
-            )
-            raise InvalidRequest(
-                f"LibreOffice could not convert {filename!r} to PDF: {detail}", PARAM
-            )
+            detail = output.decode(errors="replace").strip()[-500:] or f"exit status {process.returncode}"
+            raise InvalidRequest(f"LibreOffice could not convert {filename!r} to PDF: {detail}", PARAM)
         return target.read_bytes()
 
 
@@ -114,9 +105,7 @@ def decode_text(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise InvalidRequest(
-            f"the text is not valid UTF-8 (first bad byte on line {line})", PARAM
-        ) from None
+        raise InvalidRequest(f"the text is not valid UTF-8 (first bad byte on line {line})", PARAM) from None
 
 
 _SPACE = re.compile(r"\s+")
@@ -167,9 +156,7 @@ def parse_jsonl(data: bytes) -> list[dict]:
             raise _bad_line(number, "expected a JSON object")
         unknown = sorted(record.keys() - {"id", "text", "metadata"})
         if unknown:
-            raise _bad_line(
-                number, f"unknown field(s) {unknown}; a record has id, text and metadata"
-            )
+            raise _bad_line(number, f"unknown field(s) {unknown}; a record has id, text and metadata")
         text, metadata = record.get("text"), record.get("metadata", {})
         record_id = record.get("id", number)
         if not isinstance(text, str) or not text.strip():
@@ -180,9 +167,7 @@ def parse_jsonl(data: bytes) -> list[dict]:
             raise _bad_line(number, '"metadata" must be a JSON object')
         record_id = str(record_id)
         if record_id in first_line:
-            raise _bad_line(
-                number, f"duplicate id {record_id!r} (first on line {first_line[record_id]})"
-            )
+            raise _bad_line(number, f"duplicate id {record_id!r} (first on line {first_line[record_id]})")
         first_line[record_id] = number
         records.append({"id": record_id, "text": text, "metadata": metadata})
     if not records:
@@ -225,9 +210,7 @@ def _render_page(pdf: pdfium.PdfDocument, index: int, dpi: int, max_pixels: int)
         finally:
             page.close()
     except pdfium.PdfiumError as exc:
-        raise InvalidRequest(
-            f"page {index + 1} of the PDF could not be rendered: {exc}", PARAM
-        ) from None
+        raise InvalidRequest(f"page {index + 1} of the PDF could not be rendered: {exc}", PARAM) from None
 
 
 def _last_break(text: str, low: int, high: int) -> int:

@@ -31,9 +31,7 @@ def decode_image_input(value: str) -> bytes:
         header, comma, payload = payload.partition(",")
         media_type = header[5:].split(";", 1)[0].lower()
         if not comma or not header.lower().endswith(";base64"):
-            raise InvalidRequest(
-                "an image data URL must be data:image/<format>;base64,<data>", PARAM
-            )
+            raise InvalidRequest("an image data URL must be data:image/<format>;base64,<data>", PARAM)
         if media_type and not media_type.startswith("image/"):
             raise InvalidRequest(f"a data URL of type {media_type!r} is not an image", PARAM)
     elif payload[:8].lower() in ("http://", "https://"):
@@ -87,8 +85,12 @@ def encode_png(image: Image.Image) -> bytes:
     rows = np.zeros((height, 1 + pixels[0].size), np.uint8)  # each row: filter type 0, then its bytes
     rows[:, 1:] = pixels.reshape(height, -1)
     header = struct.pack(">IIBBBBB", image.width, height, 8, PNG_COLOR_TYPES[image.mode], 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows, 1))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows, 1))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -98,24 +100,18 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise InvalidRequest(f"image refused as a decompression bomb: {exc}", PARAM) from None
     except UnidentifiedImageError:
-        raise InvalidRequest(
-            f"data is not an image in a format we take ({_ALLOWED_NAMES})", PARAM
-        ) from None
+        raise InvalidRequest(f"data is not an image in a format we take ({_ALLOWED_NAMES})", PARAM) from None
     except (OSError, ValueError) as exc:
         raise InvalidRequest(f"image header is corrupt ({exc})", PARAM) from None
     if image.format not in ALLOWED_FORMATS:
         image.close()
-        raise InvalidRequest(
-            f"image format {image.format} is not supported; use {_ALLOWED_NAMES}", PARAM
-        )
+        raise InvalidRequest(f"image format {image.format} is not supported; use {_ALLOWED_NAMES}", PARAM)
     # Between Pillow's own limit and twice it, Pillow only warns and would decode: refuse there too.
     limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
     width, height = image.size
     if width * height > limit:
         image.close()
-        raise InvalidRequest(
-            f"image is {width}x{height} = {width * height:,} pixels; the limit is {limit:,}", PARAM
-        )
+        raise InvalidRequest(f"image is {width}x{height} = {width * height:,} pixels; the limit is {limit:,}", PARAM)
     return image
 
 

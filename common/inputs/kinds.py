@@ -29,9 +29,7 @@ _SIGNATURES: tuple[tuple[re.Pattern[bytes], DocumentKind], ...] = tuple(
     )
 )
 _ZIP = b"PK\x03\x04"  # DOCX, PPTX, XLSX and OpenDocument files are zip archives
-OFFICE_EXTENSIONS = frozenset(
-    {".doc", ".docx", ".ppt", ".pptx", ".xls", ".xlsx", ".odt", ".odp", ".ods", ".rtf"}
-)
+OFFICE_EXTENSIONS = frozenset({".doc", ".docx", ".ppt", ".pptx", ".xls", ".xlsx", ".odt", ".odp", ".ods", ".rtf"})
 _EXTENSIONS: dict[str, DocumentKind] = {
     ".pdf": "pdf",
     **dict.fromkeys((".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"), "image"),
@@ -41,13 +39,9 @@ _EXTENSIONS: dict[str, DocumentKind] = {
 }
 _CONTENT_TYPES: dict[str, DocumentKind] = {
     "application/pdf": "pdf",
-    **dict.fromkeys(
-        ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff"), "image"
-    ),
+    **dict.fromkeys(("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff"), "image"),
     **dict.fromkeys(("text/plain", "text/markdown"), "text"),
-    **dict.fromkeys(
-        ("application/jsonl", "application/x-ndjson", "application/x-jsonlines"), "jsonl"
-    ),
+    **dict.fromkeys(("application/jsonl", "application/x-ndjson", "application/x-jsonlines"), "jsonl"),
     **dict.fromkeys(
         (
             "application/msword",

@@ -3,7 +3,8 @@ token ids in the vocabulary, and what an over-long input with `truncate: false` 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..errors import InputTooLong, InvalidRequest
 

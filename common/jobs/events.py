@@ -13,7 +13,9 @@ from .state import FINAL_EVENTS
 START = "0-0"  # the id before every event
 
 
-async def follow(client: aioredis.Redis, job_id: str, after: str | None, block_ms: int) -> AsyncIterator[tuple[str, str, str]]:
+async def follow(
+    client: aioredis.Redis, job_id: str, after: str | None, block_ms: int
+) -> AsyncIterator[tuple[str, str, str]]:
     """(event id, event name, JSON data) for each event after id `after` (all when None), as they
     come; returns after a final event (`completed`, `failed`, `cancelled`), or when the stream is
     gone or ended before `after`. Each read blocks at most `block_ms`."""

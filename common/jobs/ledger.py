@@ -73,9 +73,11 @@ class JobLedger:
                 self._client.srem(keys.JOBS_OPEN, job_id)
                 self._client.delete(keys.job_tasks(job_id), keys.job_tasks_sent(job_id))
                 continue
-            tracked = {t.decode(): known for t, known in self._client.zrange(keys.job_tasks_sent(job_id), 0, -1,
-                                                                             withscores=True)}
-            lost, seen, looked_at = sweep(self._client, tracked, lambda _: queues)
+            tracked = {
+                t.decode(): known
+                for t, known in self._client.zrange(keys.job_tasks_sent(job_id), 0, -1, withscores=True)
+            }
+            lost, seen, looked_at = sweep(self._client, tracked, lambda _, job_queues=queues: job_queues)
             if seen:
                 self._client.zadd(keys.job_tasks_sent(job_id), dict.fromkeys(seen, looked_at), xx=True)
             for task_id in lost:

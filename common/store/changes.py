@@ -52,6 +52,12 @@ class PageChanges:
         changes = []
         for entry_id, fields in self._client.xrange(keys.page_changes(collection), min=f"({after}", max="+"):
             fields = {k.decode(): v.decode() for k, v in fields.items()}
-            changes.append(Change(entry_id.decode(), fields["op"], tuple(json.loads(fields.get("keys", "[]"))),
-                                  fields.get("doc_id", "")))
+            changes.append(
+                Change(
+                    entry_id.decode(),
+                    fields["op"],
+                    tuple(json.loads(fields.get("keys", "[]"))),
+                    fields.get("doc_id", ""),
+                )
+            )
         return changes

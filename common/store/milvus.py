@@ -28,8 +28,9 @@ from __future__ import annotations
 import binascii
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 from pymilvus import CollectionSchema, DataType, MilvusClient, MilvusException
@@ -109,8 +110,13 @@ PAGE_FIELDS = ["doc_id", "page", "filename", "metadata", "n_tokens", "tokens"]
 def _pages(entities: list[dict]) -> list[PageRecord]:
     """Page rows, read with PAGE_FIELDS, as records with their float16 token vectors."""
     return [
-        PageRecord(e["doc_id"], e["page"], e["filename"], e["metadata"],
-                   np.frombuffer(b"".join(map(binascii.a2b_base64, e["tokens"])), "<f2").reshape(e["n_tokens"], -1))
+        PageRecord(
+            e["doc_id"],
+            e["page"],
+            e["filename"],
+            e["metadata"],
+            np.frombuffer(b"".join(map(binascii.a2b_base64, e["tokens"])), "<f2").reshape(e["n_tokens"], -1),
+        )
         for e in entities
     ]
 
@@ -139,8 +145,9 @@ def _layout(kind: Kind, dim: int) -> tuple[CollectionSchema, IndexParams]:
     if kind == "multivector":
         schema.add_field("page", DataType.INT64)
         schema.add_field("n_tokens", DataType.INT64)
-        schema.add_field("tokens", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_PARTS,
-                         max_length=VARCHAR_MAX)
+        schema.add_field(
+            "tokens", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_PARTS, max_length=VARCHAR_MAX
+        )
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         # The cheapest index to keep (a collection must have one to load); nlist twice: milvus-lite
         # reads only the nested "params" (pymilvus 3 sends them flat), Milvus reads both.
@@ -161,8 +168,9 @@ class MilvusStore:
         self.changes = changes  # told of every page write, delete and drop; None: nobody searches pages
         # Keepalive pings no more often than gRPC servers accept by default (every 5 min while
         # idle); pymilvus' 10 s makes the Milvus Lite server drop the connection (GOAWAY).
-        self.client = MilvusClient(uri=uri, token=token, timeout=TIMEOUT_S,
-                                   grpc_options={"grpc.keepalive_time_ms": 310_000})
+        self.client = MilvusClient(
+            uri=uri, token=token, timeout=TIMEOUT_S, grpc_options={"grpc.keepalive_time_ms": 310_000}
+        )
         # Descriptions read here, so that a write or a search does not ask Milvus again; dropped on
         # a drop made here, and on a write that fails (another process may have dropped it).
         self._described: dict[str, CollectionInfo] = {}
@@ -180,8 +188,14 @@ class MilvusStore:
             schema, index = _layout(kind, dim)
             properties = {"embedq.kind": kind, "embedq.model": model, "embedq.dim": str(dim)}
             try:
-                self.client.create_collection(name, schema=schema, index_params=index, num_partitions=PARTITIONS,
-                                              consistency_level="Strong", properties=properties)
+                self.client.create_collection(
+                    name,
+                    schema=schema,
+                    index_params=index,
+                    num_partitions=PARTITIONS,
+                    consistency_level="Strong",
+                    properties=properties,
+                )
                 self._described[name] = wanted
                 return wanted
             except MilvusException:
@@ -294,15 +308,23 @@ class MilvusStore:
             for page in pages:
                 tokens = self._vectors(page.vectors, info.dim, True, "vectors").astype("<f2")
                 raw = tokens.tobytes()
-                parts = [binascii.b2a_base64(raw[i : i + PART_BYTES], newline=False).decode()
-                         for i in range(0, len(raw), PART_BYTES)]
+                parts = [
+                    binascii.b2a_base64(raw[i : i + PART_BYTES], newline=False).decode()
+                    for i in range(0, len(raw), PART_BYTES)
+                ]
                 if len(parts) > MAX_PARTS:
-                    raise InvalidRequest(f"page {page.page} of {page.doc_id!r} has too many tokens ({len(tokens)})",
-                                         param="vectors")
-                rows.append(self._common_fields(page.doc_id, page.page, page.filename, page.metadata) | {
-                    "page": page.page, "n_tokens": len(tokens), "tokens": parts,
-                    "vector": tokens.astype(np.float32).mean(axis=0),
-                })
+                    raise InvalidRequest(
+                        f"page {page.page} of {page.doc_id!r} has too many tokens ({len(tokens)})", param="vectors"
+                    )
+                rows.append(
+                    self._common_fields(page.doc_id, page.page, page.filename, page.metadata)
+                    | {
+                        "page": page.page,
+                        "n_tokens": len(tokens),
+                        "tokens": parts,
+                        "vector": tokens.astype(np.float32).mean(axis=0),
+                    }
+                )
             return rows
 
         rows = self._write(name, "multivector", rows_for)
@@ -315,8 +337,10 @@ class MilvusStore:
             for chunk in chunks:
                 _check_size(chunk.text, VARCHAR_MAX, "text")
                 vector = self._vectors(chunk.vector, info.dim, False, "vector").astype(np.float32)
-                rows.append(self._common_fields(chunk.doc_id, chunk.chunk, chunk.filename, chunk.metadata)
-                            | {"chunk": chunk.chunk, "text": chunk.text, "vector": vector})
+                rows.append(
+                    self._common_fields(chunk.doc_id, chunk.chunk, chunk.filename, chunk.metadata)
+                    | {"chunk": chunk.chunk, "text": chunk.text, "vector": vector}
+                )
             return rows
 
         self._write(name, "text", rows_for)
@@ -331,7 +355,9 @@ class MilvusStore:
     def iter_pages(self, name: str, batch: int = 64) -> Iterator[list[PageRecord]]:
         """Every page of `name`, `batch` at a time."""
         self._expect(name, "multivector")
-        iterator = self._loaded(name, self.client.query_iterator, batch_size=batch, filter="", output_fields=PAGE_FIELDS)
+        iterator = self._loaded(
+            name, self.client.query_iterator, batch_size=batch, filter="", output_fields=PAGE_FIELDS
+        )
         try:
             while found := iterator.next():
                 yield _pages(found)
@@ -341,7 +367,9 @@ class MilvusStore:
     def matching_keys(self, name: str, filter: str) -> set[str]:
         """The primary keys of the rows that pass `filter` (a Milvus boolean expression)."""
         try:
-            iterator = self._loaded(name, self.client.query_iterator, batch_size=4096, filter=filter, output_fields=["pk"])
+            iterator = self._loaded(
+                name, self.client.query_iterator, batch_size=4096, filter=filter, output_fields=["pk"]
+            )
         except MilvusException as exc:
             raise InvalidRequest(f"bad filter: {exc.message}", param="filter") from None
         keys: set[str] = set()
@@ -356,9 +384,24 @@ class MilvusStore:
         info = self._expect(name, "text")
         vector = self._vectors(vector, info.dim, False, "vector").astype(np.float32)
         found = self._loaded(
-            name, self.client.search, data=[vector], anns_field="vector", limit=top_k, filter=filter or "",
+            name,
+            self.client.search,
+            data=[vector],
+            anns_field="vector",
+            limit=top_k,
+            filter=filter or "",
             output_fields=["doc_id", "chunk", "filename", "metadata", "text"],
             search_params={"metric_type": "COSINE", "params": {"ef": max(64, top_k)}},
         )[0]
-        return [Hit(doc_id=e["doc_id"], filename=e["filename"], score=float(h["distance"]), metadata=e["metadata"],
-                    chunk=e["chunk"], text=e["text"]) for h in found for e in [h["entity"]]]
+        return [
+            Hit(
+                doc_id=e["doc_id"],
+                filename=e["filename"],
+                score=float(h["distance"]),
+                metadata=e["metadata"],
+                chunk=e["chunk"],
+                text=e["text"],
+            )
+            for h in found
+            for e in [h["entity"]]
+        ]

@@ -7,8 +7,8 @@ import importlib
 from common.registry import ModelSpec
 from common.settings import Settings
 
-from .torch_compat import ensure_torchvision
 from .base import Backend
+from .torch_compat import ensure_torchvision
 
 ensure_torchvision()  # transformers and colpali-engine import torchvision
 

@@ -8,7 +8,7 @@ leave unnormalized; normalization and Matryoshka truncation happen in the shared
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -8,8 +8,9 @@ alone, with its message, and the other files of its upload go on. This module lo
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from celery import shared_task
 
@@ -57,8 +58,15 @@ def _ingest(job_id: str, index: int, collection: str, model: str, content_type: 
         if info.get("status") == "queued":
             jobs.fail_file(job_id, index, "the upload expired before it was processed")
         return
-    target = {"job_id": job_id, "index": index, "collection": collection, "model": model,
-              "doc_id": info["doc_id"], "filename": info["filename"], "metadata": info["metadata"]}
+    target = {
+        "job_id": job_id,
+        "index": index,
+        "collection": collection,
+        "model": model,
+        "doc_id": info["doc_id"],
+        "filename": info["filename"],
+        "metadata": info["metadata"],
+    }
     try:
         kind = detect_kind(info["filename"], content_type, data[:8192])
         jobs.set_kind(job_id, index, kind)
@@ -125,4 +133,3 @@ def _queue_text(jobs: JobStore, target: dict[str, Any], data: bytes, kind: str) 
             _skip_rest(jobs, target, [chunk_unit(index, c) for c in chunks[start:]])
             return
         _send(INDEX_CHUNKS_TASK, target, chunks=chunks[start : start + settings.ingest_chunks_per_task])
-

@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
 from ..backends.base import OutOfMemory, Prepared
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class BatcherStats:
@@ -59,7 +60,7 @@ def forward_passes(batch: list[_Pending]) -> list[list[_Pending]]:
             current, real = [], 0
         current.append(pending)
         real += cost
-    return passes + [current] if current else passes
+    return [*passes, current] if current else passes
 
 
 RunBatch = Callable[[Sequence[Prepared]], list[np.ndarray]]

@@ -99,37 +99,86 @@ def _index(task_id: str, job_id: str, index: int, collection: str, units: list[s
 
 @shared_task(name=INDEX_PAGES_TASK, bind=True)
 def index_pages(
-    self, *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
-    metadata: dict[str, Any], pages: list[dict[str, Any]],
+    self,
+    *,
+    job_id: str,
+    index: int,
+    collection: str,
+    model: str,
+    doc_id: str,
+    filename: str,
+    metadata: dict[str, Any],
+    pages: list[dict[str, Any]],
 ) -> None:
     """Embed page images (`[{"page": int, "image": bytes}]`) and store their token vectors."""
 
     def write() -> None:
         arrays, _ = run_model(model, "image", [EmbedInput("image", image=p["image"]) for p in pages])
-        process.current().store.upsert_pages(collection, [
-            PageRecord(doc_id=doc_id, page=p["page"], filename=filename, metadata=metadata,
-                       vectors=finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16))
-            for p, a in zip(pages, arrays)
-        ])
+        process.current().store.upsert_pages(
+            collection,
+            [
+                PageRecord(
+                    doc_id=doc_id,
+                    page=p["page"],
+                    filename=filename,
+                    metadata=metadata,
+                    vectors=finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16),
+                )
+                for p, a in zip(pages, arrays)
+            ],
+        )
 
     first, last = pages[0]["page"], pages[-1]["page"]
-    _index(self.request.id, job_id, index, collection, [page_unit(index, p["page"]) for p in pages], f"pages {first}-{last} of {filename}", write)
+    _index(
+        self.request.id,
+        job_id,
+        index,
+        collection,
+        [page_unit(index, p["page"]) for p in pages],
+        f"pages {first}-{last} of {filename}",
+        write,
+    )
 
 
 @shared_task(name=INDEX_CHUNKS_TASK, bind=True)
 def index_chunks(
-    self, *, job_id: str, index: int, collection: str, model: str, doc_id: str, filename: str,
-    metadata: dict[str, Any], chunks: list[dict[str, Any]],
+    self,
+    *,
+    job_id: str,
+    index: int,
+    collection: str,
+    model: str,
+    doc_id: str,
+    filename: str,
+    metadata: dict[str, Any],
+    chunks: list[dict[str, Any]],
 ) -> None:
     """Embed text chunks (`[{"doc_id", "chunk", "text", "metadata"}]`) and store one vector each."""
 
     def write() -> None:
         items = [EmbedInput("text", text=c["text"], input_type="document") for c in chunks]
         arrays, _ = run_model(model, "text", items)
-        process.current().store.upsert_chunks(collection, [
-            ChunkRecord(doc_id=c["doc_id"], chunk=c["chunk"], filename=filename, text=c["text"],
-                        metadata=c["metadata"], vector=finalize(a, pooled=True, normalize=True, dimensions=None))
-            for c, a in zip(chunks, arrays)
-        ])
+        process.current().store.upsert_chunks(
+            collection,
+            [
+                ChunkRecord(
+                    doc_id=c["doc_id"],
+                    chunk=c["chunk"],
+                    filename=filename,
+                    text=c["text"],
+                    metadata=c["metadata"],
+                    vector=finalize(a, pooled=True, normalize=True, dimensions=None),
+                )
+                for c, a in zip(chunks, arrays)
+            ],
+        )
 
-    _index(self.request.id, job_id, index, collection, [chunk_unit(index, c) for c in chunks], f"chunks of {filename}", write)
+    _index(
+        self.request.id,
+        job_id,
+        index,
+        collection,
+        [chunk_unit(index, c) for c in chunks],
+        f"chunks of {filename}",
+        write,
+    )

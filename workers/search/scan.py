@@ -22,6 +22,7 @@ the entries since the last one applied name the pages to re-read from Milvus or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -141,7 +142,9 @@ class Int8Pages:
         for key in list(self._by_doc.get(doc_id, ())):
             self.remove(key)
 
-    def best(self, query: np.ndarray, count: int, pool: ThreadPoolExecutor, allowed: set[str] | None = None) -> list[str]:
+    def best(
+        self, query: np.ndarray, count: int, pool: ThreadPoolExecutor, allowed: set[str] | None = None
+    ) -> list[str]:
         """The keys of the `count` pages with the highest approximate MaxSim (among `allowed`),
         scored by the threads of `pool`."""
         codes, scale = _quantize(torch.from_numpy(np.asarray(query, np.float32)))
@@ -200,11 +203,8 @@ class Searcher:
         every second, so a search seldom waits for the pages of a large job, and the memory of a
         dropped collection goes."""
         for name in list(self._copies):
-            with self._lock:
-                try:
-                    self._current(name)
-                except NotFound:
-                    pass  # dropped: _current let its copy go
+            with self._lock, contextlib.suppress(NotFound):  # dropped: _current let its copy go
+                self._current(name)
 
     def search(self, collection: str, query: np.ndarray, top_k: int = 10, filter: str | None = None) -> list[dict]:
         """The `top_k` pages by exact MaxSim: `[{doc_id, filename, page, score, metadata}]`, best first."""
@@ -218,8 +218,16 @@ class Searcher:
             pages = [p for p in pages if p.key in allowed]
         scores = maxsim(query, [p.vectors for p in pages])
         order = np.argsort(-scores, kind="stable")[:top_k]
-        return [{"doc_id": pages[i].doc_id, "filename": pages[i].filename, "page": pages[i].page,
-                 "score": float(scores[i]), "metadata": pages[i].metadata} for i in order]
+        return [
+            {
+                "doc_id": pages[i].doc_id,
+                "filename": pages[i].filename,
+                "page": pages[i].page,
+                "score": float(scores[i]),
+                "metadata": pages[i].metadata,
+            }
+            for i in order
+        ]
 
     def _current(self, collection: str) -> _Copy:
         """The copy of `collection`, loaded if new here, with every change since applied."""

@@ -16,7 +16,9 @@ from .. import process
 
 
 @shared_task(name=SEARCH_TASK)
-def search_pages(*, collection: str, query: bytes, dim: int, top_k: int = 10, filter: str | None = None) -> list[dict[str, Any]]:
+def search_pages(
+    *, collection: str, query: bytes, dim: int, top_k: int = 10, filter: str | None = None
+) -> list[dict[str, Any]]:
     """The `top_k` pages of `collection` by exact MaxSim with `query`: its token vectors as
     little-endian float32 bytes, `dim` per token. Returns `[{doc_id, filename, page, score,
     metadata}]`, best first."""
