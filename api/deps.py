@@ -17,6 +17,7 @@ from common.settings import Settings
 from common.store.changes import PageChanges
 
 from .dispatch import Dispatcher
+from .results import Gone
 
 if TYPE_CHECKING:
     from common.store.milvus import MilvusStore
@@ -36,6 +37,11 @@ def get_dispatcher(request: Request) -> Dispatcher:
 
 def get_models(request: Request) -> Registry:
     return request.app.state.registry
+
+
+def get_gone(request: Request) -> Gone:
+    """Whether the client has gone: a request whose caller has gone is withdrawn (api.results)."""
+    return request.is_disconnected
 
 
 def get_jobs(request: Request) -> JobStore:
@@ -83,6 +89,7 @@ RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 RegistryDep = Annotated[Registry, Depends(get_models)]
 JobsDep = Annotated[JobStore, Depends(get_jobs)]
+GoneDep = Annotated[Gone, Depends(get_gone)]
 LedgerDep = Annotated[JobLedger, Depends(get_ledger)]
 
 

@@ -3,18 +3,23 @@
 Before sending, a check that a warm worker serves the model and that its queue is not over its
 limit makes a request fail fast (503 / 429) instead of waiting in vain. That check costs one Redis
 round trip, made at most every CAPACITY_TTL_S per queue; requests in between reuse its answer.
+The inputs sent are counted here and added to Redis every FLUSH_S, for `/metrics`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
 from celery import Celery
+from redis import RedisError
 
 from common import keys
 from common.contract import EMBED_TASK, SEARCH_QUEUE, SEARCH_TASK, embed_kwargs, embed_queue, search_kwargs
@@ -23,7 +28,9 @@ from common.errors import QueueFull, ServiceUnavailable
 from common.settings import Settings
 from common.vectors import unpack
 
-from .results import ResultWaiter
+from .results import Gone, ResultWaiter
+
+log = logging.getLogger(__name__)
 
 
 class Embedded:
@@ -36,6 +43,7 @@ class Embedded:
 
 
 CAPACITY_TTL_S = 0.1
+FLUSH_S = 1.0  # how often the count of inputs sent is added to Redis
 
 
 class Dispatcher:
@@ -45,6 +53,7 @@ class Dispatcher:
         self._celery = celery
         self._waiter = waiter
         self._capacity: dict[str, tuple[float, int, int]] = {}  # queue -> (read at, live workers, depth)
+        self._sent: Counter[tuple[str, str]] = Counter()  # inputs sent per (model, modality), not yet flushed
 
     async def _read_capacity(self, queue: str, alive_key: str) -> tuple[int, int]:
         now = time.monotonic()
@@ -68,7 +77,31 @@ class Dispatcher:
     async def check_capacity(self, model: str, modality: str) -> None:
         await self._check(embed_queue(model, modality), keys.workers_alive(model, modality), f"{model} ({modality})")
 
-    async def _call(self, task: str, queue: str, kwargs: dict[str, Any]) -> Any:
+    def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_forever(), name="embedq-items-sent")
+
+    async def close(self) -> None:
+        self._flusher.cancel()
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Add the inputs sent since the last flush to the service's totals (keys.ITEMS)."""
+        sent, self._sent = self._sent, Counter()
+        if sent:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for (model, modality), count in sent.items():
+                    pipe.hincrby(keys.ITEMS, f"sent:{model}:{modality}", count)
+                await pipe.execute()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                await self.flush()
+            except RedisError as exc:
+                log.warning("counting the inputs sent failed: %s", exc)
+
+    async def _call(self, task: str, queue: str, kwargs: dict[str, Any], gone: Gone | None) -> Any:
         task_id = str(uuid.uuid4())
         timeout = self._settings.request_timeout_s
         # Expires with the wait: a worker drops a task whose caller has given up.
@@ -77,16 +110,20 @@ class Dispatcher:
         def send() -> None:
             self._celery.send_task(task, kwargs=kwargs, task_id=task_id, expires=expires)
 
-        return await self._waiter.call(task_id, queue, send, timeout)
+        return await self._waiter.call(task_id, queue, send, timeout, gone)
 
-    async def embed(self, model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> Embedded:
+    async def embed(
+        self, model: str, modality: str, inputs: list[dict[str, Any]], gone: Gone | None = None, **options: Any
+    ) -> Embedded:
+        """Embed `inputs` on a worker of `model`; `gone()` says whether the caller has gone."""
         await self.check_capacity(model, modality)
         kwargs = embed_kwargs(model, modality, inputs, **options)
-        return Embedded(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs))
+        self._sent[(model, modality)] += len(inputs)
+        return Embedded(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs, gone))
 
     async def search_pages(
-        self, collection: str, query: np.ndarray, top_k: int, filter: str | None
+        self, collection: str, query: np.ndarray, top_k: int, filter: str | None, gone: Gone | None = None
     ) -> list[dict[str, Any]]:
         """The `top_k` pages of a late-interaction collection by exact MaxSim (a search worker's answer)."""
         await self._check(SEARCH_QUEUE, keys.SEARCH_WORKERS_ALIVE, "page search")
-        return await self._call(SEARCH_TASK, SEARCH_QUEUE, search_kwargs(collection, query, top_k, filter))
+        return await self._call(SEARCH_TASK, SEARCH_QUEUE, search_kwargs(collection, query, top_k, filter), gone)

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from common.delivery.app import create_celery_app
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
+from common.jobs.watch import JobWatch
 from common.registry import load_registry
 from common.settings import Settings, get_settings
 from common.store.changes import PageChanges
@@ -41,14 +42,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = client
         app.state.registry = load_registry(settings.models_file)
         app.state.models_created = int(settings.models_file.stat().st_mtime)
-        app.state.dispatcher = Dispatcher(settings, client, celery, waiter)
+        app.state.dispatcher = dispatcher = Dispatcher(settings, client, celery, waiter)
+        dispatcher.start()
         app.state.waiter = waiter
         app.state.jobs = JobStore(sync_client, settings.job_ttl_s)
         app.state.ledger = JobLedger(sync_client, celery, settings.job_ttl_s)
         app.state.store = LazyStore(settings.milvus_uri, PageChanges(sync_client))
+        # The API watches the open jobs too: a job uploaded while no ingestion worker runs still ends.
+        watch = JobWatch(
+            sync_client, app.state.jobs, app.state.ledger, settings.worker_heartbeat_ttl_s, settings.job_stall_timeout_s
+        )
+        watch.start(settings.lost_task_check_s)
         try:
             yield
         finally:
+            watch.stop()
+            await dispatcher.close()
             await waiter.close()
             await client.aclose()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,9 @@ from common.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
-_POLL_INTERVAL_S = 1.0
+_POLL_INTERVAL_S = 1.0  # also how soon a caller's going away is noticed
+
+Gone = Callable[[], Awaitable[bool]]  # whether the caller has gone (Starlette's request.is_disconnected)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ResultWaiter:
     def __init__(self, client: aioredis.Redis, sync_client: redis.Redis, celery: Celery, lost_task_check_s: float):
         self._client = client
         self._sync_client = sync_client  # for the sweep, in a thread
+        self._celery = celery
         self._backend = celery.backend
         # Results reach this process through its one pattern subscription (`start`). Celery's Redis
         # backend would also SUBSCRIBE to each sent task's channel, a blocking round trip per
@@ -56,6 +59,7 @@ class ResultWaiter:
         self._check_s = lost_task_check_s
         self._background: list[asyncio.Task] = []
         self.resent = 0  # tasks sent again because the broker lost them
+        self.revoked = 0  # tasks withdrawn because their caller went away
 
     async def start(self) -> None:
         await self._pubsub.psubscribe(keys.result_channel("*"))
@@ -86,18 +90,22 @@ class ResultWaiter:
             if waiting is not None and not waiting.future.done():
                 waiting.future.set_result(message["data"])
 
-    async def call(self, task_id: str, queue: str, send: Callable[[], object], timeout: float) -> Any:
+    async def call(
+        self, task_id: str, queue: str, send: Callable[[], object], timeout: float, gone: Gone | None = None
+    ) -> Any:
         """Wait for the result of the task `send` sends to `queue` and return its value; raises the
-        task's error, or ServiceUnavailable at the deadline. `send` may be called again."""
+        task's error, or ServiceUnavailable at the deadline. `send` may be called again. When
+        `gone()` says the caller has gone, the task is revoked: a worker that holds it drops it
+        without computing it."""
         future = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = _Waiting(future, queue, send, time.time())
         try:
             send()
-            return self._outcome(await self._await(task_id, future, timeout))
+            return self._outcome(await self._await(task_id, future, timeout, gone))
         finally:
             del self._waiting[task_id]
 
-    async def _await(self, task_id: str, future: asyncio.Future, timeout: float) -> bytes:
+    async def _await(self, task_id: str, future: asyncio.Future, timeout: float, gone: Gone | None) -> bytes:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             left = deadline - asyncio.get_running_loop().time()
@@ -106,6 +114,10 @@ class ResultWaiter:
             try:
                 return await asyncio.wait_for(asyncio.shield(future), min(left, _POLL_INTERVAL_S))
             except asyncio.TimeoutError:
+                if gone is not None and await gone():
+                    await asyncio.to_thread(self._celery.control.revoke, task_id)
+                    self.revoked += 1
+                    raise ServiceUnavailable("The client went away; its request was withdrawn.") from None
                 stored = await self._client.get(keys.result_channel(task_id))
                 if stored is not None:
                     return stored

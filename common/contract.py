@@ -22,6 +22,12 @@ def embed_queue(model: str, modality: str) -> str:
     return f"embed.{model}.{modality}"
 
 
+def embed_queue_parts(queue: str) -> tuple[str, str]:
+    """(model, modality) of an `embed_queue` name; model names may hold dots."""
+    model, _, modality = queue.removeprefix("embed.").rpartition(".")
+    return model, modality
+
+
 def embed_kwargs(model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
     """The arguments of EMBED_TASK: `inputs` (each `{"text"}`, `{"token_ids"}` or `{"image": bytes}`)
     and the task's options (`output`, `normalize`, `dimensions`, `input_type`, `truncate`, `dtype`)."""
@@ -38,6 +44,14 @@ def search_kwargs(collection: str, query: np.ndarray, top_k: int, filter: str | 
         "top_k": top_k,
         "filter": filter,
     }
+
+
+def task_items(name: str, kwargs: dict[str, Any]) -> int:
+    """How many items (inputs, pages, chunks) a task carries; 1 for a task of other work."""
+    for field in ("inputs", "pages", "chunks"):
+        if isinstance(kwargs.get(field), list):
+            return len(kwargs[field])
+    return 1
 
 
 def task_queue(name: str, kwargs: dict[str, Any]) -> str | None:

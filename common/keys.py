@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue_parts
+
 
 def workers_alive(model: str, modality: str) -> str:
     """Sorted set: worker name -> unix time of its last heartbeat, for one model and modality."""
@@ -10,8 +12,29 @@ def workers_alive(model: str, modality: str) -> str:
 
 INGEST_WORKERS_ALIVE = "embedq:workers:ingest"  # Sorted set: ingestion worker -> last heartbeat
 SEARCH_WORKERS_ALIVE = "embedq:workers:search"  # Sorted set: search worker -> last heartbeat
-# String: unix time a heartbeat last found a worker gone silent (common.heartbeat).
+# String: unix time a heartbeat last found a worker gone silent, or a worker last stopped
+# (common.delivery.heartbeat).
 WORKER_DIED_AT = "embedq:worker-died-at"
+
+
+def task_crashes(task_id: str) -> str:
+    """String: runs of a redelivered task that began and did not end (common.delivery.crashes)."""
+    return f"embedq:task:{task_id}:crashes"
+
+
+# Hash: items sent to and embedded by the model workers, `sent:<model>:<modality>` and
+# `embedded:<model>:<modality>` -> count, for `/metrics` (a duplicate run shows as embedded > sent).
+ITEMS = "embedq:items"
+
+
+def workers_serving(queue: str) -> str:
+    """The heartbeat set of the workers that consume `queue` (a queue of common.contract)."""
+    if queue == INGEST_QUEUE:
+        return INGEST_WORKERS_ALIVE
+    if queue == SEARCH_QUEUE:
+        return SEARCH_WORKERS_ALIVE
+    return workers_alive(*embed_queue_parts(queue))
+
 
 RESULT_PREFIX = "celery-task-meta-"
 
@@ -53,12 +76,17 @@ def upload(job_id: str, index: int) -> str:
 
 
 JOBS_OPEN = "embedq:jobs:open"  # Set: ids of jobs whose tasks are watched (common.jobs.ledger)
-JOBS_SWEEP_LOCK = "embedq:jobs:sweep"  # String: held by the process sweeping for lost job tasks
+JOBS_SWEEP_LOCK = "embedq:jobs:sweep"  # String: held by the process watching the open jobs (common.jobs.watch)
 
 
 def job_tasks(job_id: str) -> str:
     """Hash: task id -> msgpack [task name, kwargs] of a job's tasks not yet reported."""
     return f"embedq:job:{job_id}:tasks"
+
+
+def job_tasks_queue(job_id: str) -> str:
+    """Hash: task id -> the queue it was sent to, for the same tasks."""
+    return f"embedq:job:{job_id}:tasks-queue"
 
 
 def job_tasks_sent(job_id: str) -> str:

@@ -12,11 +12,14 @@ from pydantic import BaseModel, Field, PrivateAttr, model_validator
 from .errors import ModelNotFound
 
 Modality = Literal["text", "image"]
+BACKENDS = ("text", "colpali")  # the families of workers.backends
 
 
 class ModelSpec(BaseModel):
     name: str
-    backend: Literal["text", "colpali"]
+    # A family of workers.backends (`text`, `colpali`), or `module:function` for a backend of your own
+    # (the function takes the spec, the device and the settings, and returns a workers.backends.base.Backend).
+    backend: str
     # A local directory, a hub id, or `python:module:ATTR` for a path a Python package provides.
     path: str
     device: str = "auto"
@@ -31,6 +34,7 @@ class ModelSpec(BaseModel):
     modalities: list[Modality] = Field(default_factory=lambda: ["text"])
     # late-interaction (colpali backend) only
     model_class: str | None = None
+    late_interaction: bool | None = None  # token vectors per input; default: true for the colpali backend
     quantization: Literal["none", "8bit", "4bit"] = "none"
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     max_num_visual_tokens: int = 768
@@ -38,13 +42,15 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.backend not in BACKENDS and ":" not in self.backend:
+            raise ValueError(f"model {self.name}: backend must be one of {sorted(BACKENDS)} or module:function")
         if self.backend == "colpali" and not self.model_class:
             raise ValueError(f"model {self.name}: the colpali backend needs model_class")
         return self
 
     @property
     def multivector(self) -> bool:
-        return self.backend == "colpali"
+        return self.backend == "colpali" if self.late_interaction is None else self.late_interaction
 
     def resolved_path(self) -> str:
         if self.path.startswith("python:"):

@@ -33,10 +33,16 @@ class Settings(BaseSettings):
     # Workers and queue semantics
     cpu_threads: int = Field(default_factory=lambda: os.cpu_count() or 1)
     worker_concurrency: int = 64
-    # Longer than a worker holds a task (worker_concurrency requests through its batcher), or busy
-    # workers see held tasks redelivered; shorter than request_timeout_s, so the requests of a
-    # worker that died are run again while their callers still wait.
+    # A live worker renews the messages it holds with each heartbeat (common.delivery.leases), so
+    # this bounds only how long a dead worker's messages wait before they run elsewhere. Shorter
+    # than request_timeout_s, so the requests of a worker that died run again while their callers
+    # still wait.
     visibility_timeout_s: int = 30
+    # A model worker fetches no more while the tasks it holds have this many batches of inputs
+    # (batches of its model's max_batch_size): the rest waits in Redis for any worker.
+    fetch_batches: int = Field(default=2, gt=0)
+    # A task whose runs killed their worker this many times is failed, not run again.
+    max_deliveries: int = Field(default=3, gt=0)
     result_expires_s: int = 600
     # How often senders look for their tasks lost with a dead worker (common.delivery).
     lost_task_check_s: float = Field(default=5.0, gt=0)
@@ -46,6 +52,8 @@ class Settings(BaseSettings):
     # Ingestion jobs and the vector store
     milvus_uri: str = "http://127.0.0.1:19530"
     job_ttl_s: int = 7 * 24 * 3600
+    # A job whose work no live worker can take fails after waiting this long.
+    job_stall_timeout_s: float = Field(default=600.0, gt=0)
     ingest_pages_per_task: int = 4
     ingest_chunks_per_task: int = 64
     ingest_concurrency: int = 2
@@ -66,6 +74,12 @@ class Settings(BaseSettings):
     office_timeout_s: float = Field(default=120.0, gt=0)  # LibreOffice conversion to PDF
     chunk_size: int = Field(default=1000, gt=0)  # characters
     chunk_overlap: int = Field(default=200, ge=0)
+
+    @property
+    def heartbeat_every_s(self) -> float:
+        """How often a worker beats and renews its leases: well inside both the heartbeat TTL and
+        the visibility timeout."""
+        return max(min(self.worker_heartbeat_ttl_s, self.visibility_timeout_s) / 3, 0.2)
 
     def pdf_dpi(self, page_count: int) -> int:
         """The rendering resolution for a document of `page_count` pages."""

@@ -20,6 +20,7 @@ from common.delivery.app import create_celery_app
 from common.delivery.lost import UNACKED_KEY, missing_tasks, queue_lists
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore, UploadedFile
+from common.jobs.watch import JobWatch
 from common.keys import result_channel
 from common.settings import Settings
 
@@ -72,10 +73,10 @@ def test_a_job_task_the_broker_lost_is_sent_again_once(own_db):
     queued = tasks.send(job_id, INDEX_PAGES_TASK, kwargs)
     assert json.loads(client.rpop(queue))["properties"]["correlation_id"] == lost
 
-    assert tasks.resend_lost() == 0  # no worker died: nothing can have been lost
+    assert tasks.resend_lost(job_id) == 0  # no worker died: nothing can have been lost
     client.set(keys.WORKER_DIED_AT, time.time())
-    assert tasks.resend_lost() == 1
-    assert tasks.resend_lost() == 0  # both seen since
+    assert tasks.resend_lost(job_id) == 1
+    assert tasks.resend_lost(job_id) == 0  # both seen since
     messages = {m["properties"]["correlation_id"]: m for m in map(json.loads, client.lrange(queue, 0, -1))}
     assert sorted(messages) == sorted([lost, queued])
     _, resent_kwargs, _ = msgpack.unpackb(base64.b64decode(messages[lost]["body"]))
@@ -85,10 +86,13 @@ def test_a_job_task_the_broker_lost_is_sent_again_once(own_db):
     tasks.done(job_id, queued)
     client.delete(queue)
     client.set(keys.WORKER_DIED_AT, time.time())
-    assert tasks.resend_lost() == 0  # nothing left to look after
+    assert tasks.resend_lost(job_id) == 0  # nothing left to look after
+    assert tasks.pending_queues(job_id) == {}
+    assert job_id in tasks.open_jobs()
     client.hset(keys.job(job_id), "finished_at", 1)
-    tasks.resend_lost()
-    assert not client.sismember(keys.JOBS_OPEN, job_id)
+    watch = JobWatch(client, JobStore(client, 600), tasks, heartbeat_ttl_s=3, stall_timeout_s=60)
+    watch.round()
+    assert job_id not in tasks.open_jobs()  # an ended job is forgotten
 
 
 def test_a_heartbeat_that_drops_a_silent_worker_records_the_death(own_db):

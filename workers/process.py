@@ -15,6 +15,8 @@ import redis
 from celery import Celery
 
 from common.delivery.app import create_celery_app
+from common.delivery.crashes import Crashes
+from common.delivery.leases import Leases
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
 from common.settings import Settings
@@ -32,6 +34,7 @@ class Process:
     name: str  # `kind@host:pid`, also the Celery worker's hostname and its heartbeat name
     redis: redis.Redis
     celery: Celery
+    leases: Leases
     runtime: Runtime | None = None  # a model worker's model and batcher
     searcher: Searcher | None = None  # a search worker's pages
 
@@ -42,6 +45,10 @@ class Process:
     @cached_property
     def ledger(self) -> JobLedger:
         return JobLedger(self.redis, self.celery, self.settings.job_ttl_s)
+
+    @cached_property
+    def crashes(self) -> Crashes:
+        return Crashes(self.redis, self.settings.max_deliveries, self.settings.job_ttl_s)
 
     @cached_property
     def store(self) -> MilvusStore:
@@ -62,8 +69,10 @@ def start(settings: Settings, kind: str) -> Process:
         raise RuntimeError("this process has started already")
     celery = create_celery_app(settings)
     celery.set_current()
+    leases = Leases()
+    leases.install(celery)
     name = f"{kind}@{socket.gethostname()}:{os.getpid()}"
-    _current = Process(settings, name, redis.Redis.from_url(settings.redis_url), celery)
+    _current = Process(settings, name, redis.Redis.from_url(settings.redis_url), celery, leases)
     return _current
 
 

@@ -4,7 +4,8 @@ consume its queues, with a heartbeat from the moment Celery consumes until it st
 - A model worker loads and warms its model first, and runs a Celery thread pool: many tasks wait
   at once while the batcher runs them together on the device; the pool's size bounds how many
   requests one worker holds (and so how big a greedy batch can get).
-- The ingestion worker renders and chunks in a prefork pool, and sweeps for lost job tasks.
+- The ingestion worker renders and chunks in a prefork pool, and watches the open jobs
+  (common.jobs.watch).
 - The search worker loads every page collection first, searches one at a time (each search uses
   every core), and catches up with the collections' changes every second.
 """
@@ -20,8 +21,10 @@ from collections.abc import Callable
 from celery import signals
 
 from common import keys
-from common.contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue
-from common.delivery.heartbeat import start_heartbeat
+from common.contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue, task_items
+from common.delivery.gate import FetchGate
+from common.delivery.heartbeat import Heartbeat
+from common.jobs.watch import JobWatch
 from common.registry import load_registry
 from common.settings import get_settings
 
@@ -41,13 +44,33 @@ def _consume(
     alive: Callable[[], bool] = lambda: True,
     extra: Callable[[], None] = lambda: None,
 ) -> None:
-    """Run the Celery worker on `queues` in the foreground, beating in `alive_sets` while it consumes."""
+    """Run the Celery worker on `queues` in the foreground. From the moment it consumes, it beats in
+    `alive_sets` and renews the leases of the messages it holds (common.delivery.leases); the
+    moment it starts stopping, it leaves the sets, so the API routes nothing more to it."""
     settings = proc.settings
+
+    def beat_extra() -> None:
+        proc.leases.renew(proc.redis)
+        extra()
+
+    heartbeat = Heartbeat(
+        proc.redis,
+        alive_sets,
+        proc.name,
+        settings.worker_heartbeat_ttl_s,
+        settings.heartbeat_every_s,
+        alive=alive,
+        extra=beat_extra,
+    )
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        start_heartbeat(proc.redis, alive_sets, proc.name, settings.worker_heartbeat_ttl_s, alive=alive, extra=extra)
+        heartbeat.start()
         log.info("worker %s ready on queues %s", proc.name, queues)
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _stopping(**_: object) -> None:
+        heartbeat.stop()
 
     proc.celery.worker_main(
         [
@@ -78,6 +101,13 @@ def model_worker(model: str, device: str | None = None, modalities: list[str] | 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     proc = process.start(settings, spec.name)
     proc.runtime = runtime = load_runtime(spec, device or spec.device, modalities, settings)
+    gate = FetchGate(settings.fetch_batches * spec.max_batch_size, task_items)
+    gate.install(proc.celery)
+
+    def beat_extra() -> None:
+        gate.reconcile()
+        runtime.publish_stats(proc.redis, proc.name, settings.worker_heartbeat_ttl_s)
+
     _consume(
         proc,
         [embed_queue(model, m) for m in modalities],
@@ -85,7 +115,7 @@ def model_worker(model: str, device: str | None = None, modalities: list[str] | 
         settings.worker_concurrency,
         [keys.workers_alive(spec.name, m) for m in modalities],
         alive=lambda: runtime.batcher.alive,
-        extra=lambda: runtime.publish_stats(proc.redis, proc.name, settings.worker_heartbeat_ttl_s),
+        extra=beat_extra,
     )
 
 
@@ -95,7 +125,9 @@ def ingest_worker() -> None:
 
     settings = get_settings()
     proc = process.start(settings, "ingest")
-    proc.ledger.start_sweeper(settings.lost_task_check_s)
+    JobWatch(proc.redis, proc.jobs, proc.ledger, settings.worker_heartbeat_ttl_s, settings.job_stall_timeout_s).start(
+        settings.lost_task_check_s
+    )
     _consume(proc, [INGEST_QUEUE], "prefork", settings.ingest_concurrency, [keys.INGEST_WORKERS_ALIVE])
 
 

@@ -18,7 +18,7 @@ from common.errors import InvalidRequest, NotFound, UnsupportedMediaType
 from common.inputs.kinds import detect_kind
 from common.jobs.state import UploadedFile
 
-from ..deps import Authorized, DispatcherDep, JobsDep, LazyStore, LedgerDep, RegistryDep, StoreDep
+from ..deps import Authorized, DispatcherDep, GoneDep, JobsDep, LazyStore, LedgerDep, RegistryDep, StoreDep
 from ..responses import json_response
 from ..schemas import CollectionCreate, SearchRequest
 
@@ -146,16 +146,15 @@ async def upload_documents(name: str, request: Request, store: StoreDep, jobs: J
 
 
 @router.post("/{name}/search", summary="Search a collection (MaxSim rerank for page collections)")
-async def search(name: str, body: SearchRequest, dispatcher: DispatcherDep, store: StoreDep) -> Response:
+async def search(name: str, body: SearchRequest, dispatcher: DispatcherDep, store: StoreDep, gone: GoneDep) -> Response:
     collection = await _describe(store, name)
     model = collection["model"]
+    query = [{"text": body.query}]
     if collection["kind"] == "multivector":
-        result = await dispatcher.embed(model, "text", [{"text": body.query}], output="multivector", input_type="query")
-        hits = await dispatcher.search_pages(name, result.arrays[0], body.top_k, body.filter)
+        result = await dispatcher.embed(model, "text", query, gone, output="multivector", input_type="query")
+        hits = await dispatcher.search_pages(name, result.arrays[0], body.top_k, body.filter, gone)
     else:
-        result = await dispatcher.embed(
-            model, "text", [{"text": body.query}], output="pooled", input_type="query", normalize=True
-        )
+        result = await dispatcher.embed(model, "text", query, gone, output="pooled", input_type="query", normalize=True)
         hits = [asdict(hit) for hit in await store.call("search_text", name, result.arrays[0], body.top_k, body.filter)]
     tokens = sum(result.tokens)
     return json_response(

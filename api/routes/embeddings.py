@@ -8,7 +8,7 @@ from common.errors import InvalidRequest
 from common.inputs.text import text_inputs
 from common.registry import ModelSpec
 
-from ..deps import Authorized, DispatcherDep, RegistryDep, SettingsDep
+from ..deps import Authorized, DispatcherDep, GoneDep, RegistryDep, SettingsDep
 from ..responses import embedding_list
 from ..schemas import EmbeddingRequest
 
@@ -26,7 +26,7 @@ def check_dimensions(spec: ModelSpec, dimensions: int | None) -> None:
 
 @router.post("/embeddings", summary="Create embeddings (OpenAI-compatible)")
 async def create_embeddings(
-    body: EmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep
+    body: EmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep, gone: GoneDep
 ) -> Response:
     spec = registry.get(body.model)
     inputs = text_inputs(body.input, settings.max_inputs)
@@ -35,6 +35,7 @@ async def create_embeddings(
         spec.name,
         "text",
         inputs,
+        gone,
         output="pooled",
         normalize=body.normalize,
         dimensions=body.dimensions,

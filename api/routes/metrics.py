@@ -36,6 +36,15 @@ WORKER_COUNTERS = {
     "items": "Inputs embedded in those batches.",
     "oom_splits": "Batches split in two after a device out-of-memory error.",
     "failed_batches": "Batches that failed, their error sent to every request in them.",
+    "dropped": "Inputs not computed because their caller had gone or their deadline had passed.",
+}
+
+
+# The service's totals of inputs (online inputs, pages, chunks) in keys.ITEMS: in normal running
+# embedded equals sent; a task run twice shows as more embedded than sent.
+ITEM_COUNTERS = {
+    "sent": "Inputs, pages and chunks sent to a model's queues by the API and the ingestion workers.",
+    "embedded": "Inputs, pages and chunks the model workers computed.",
 }
 
 
@@ -46,6 +55,7 @@ class RedisReading:
     queue_depth: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, modality) -> LLEN
     workers_alive: dict[tuple[str, str], int] = field(default_factory=dict)
     worker_stats: dict[str, dict[str, str]] = field(default_factory=dict)  # worker name -> its hash
+    items: dict[str, int] = field(default_factory=dict)  # keys.ITEMS: `sent|embedded:<model>:<modality>` -> count
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -65,6 +75,14 @@ class RedisReading:
             for worker, stats in self.worker_stats.items():
                 counter.add_metric([worker, stats.get("model", ""), stats.get("device", "")], int(stats.get(name, 0)))
             yield counter
+        for what, help_text in ITEM_COUNTERS.items():
+            counter = CounterMetricFamily(f"embedq_items_{what}", help_text, labels=["model", "modality"])
+            for key, count in sorted(self.items.items()):
+                kind, rest = key.split(":", 1)
+                if kind == what:
+                    model, _, modality = rest.rpartition(":")
+                    counter.add_metric([model, modality], count)
+            yield counter
 
 
 async def read_redis(client: aioredis.Redis, registry: Registry, settings: Settings) -> RedisReading:
@@ -82,7 +100,8 @@ async def read_redis(client: aioredis.Redis, registry: Registry, settings: Setti
     async with client.pipeline(transaction=False) as pipe:
         for worker in workers:
             pipe.hgetall(keys.worker_stats(worker))
-        hashes = await pipe.execute()
+        pipe.hgetall(keys.ITEMS)
+        *hashes, items = await pipe.execute()
     return RedisReading(
         queue_depth=dict(zip(served, depths)),
         workers_alive={labels: len(members) for labels, members in zip(served, alive)},
@@ -90,6 +109,7 @@ async def read_redis(client: aioredis.Redis, registry: Registry, settings: Setti
         worker_stats={
             worker: {k.decode(): v.decode() for k, v in raw.items()} for worker, raw in zip(workers, hashes) if raw
         },
+        items={k.decode(): int(v) for k, v in items.items()},
     )
 
 
@@ -103,12 +123,19 @@ class _Families:
         return self.families
 
 
-def render(http: HttpStats, reading: RedisReading | None, resent: int = 0) -> bytes:
+def render(http: HttpStats, reading: RedisReading | None, resent: int = 0, revoked: int = 0) -> bytes:
     """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them."""
     families = list(http.collect())
     families.append(
         CounterMetricFamily(
             "embedq_tasks_resent", "Online tasks sent again because the broker lost them (api.results).", value=resent
+        )
+    )
+    families.append(
+        CounterMetricFamily(
+            "embedq_tasks_revoked",
+            "Online tasks withdrawn because their caller went away (api.results).",
+            value=revoked,
         )
     )
     if reading is not None:
@@ -127,5 +154,6 @@ async def metrics(request: Request, client: RedisDep, registry: RegistryDep, set
         # Still answer: the HTTP counters are worth having while Redis is down.
         log.warning("metrics: reading Redis failed", exc_info=True)
         reading = None
-    resent = request.app.state.waiter.resent
-    return Response(render(request.app.state.http_stats, reading, resent), media_type=CONTENT_TYPE_LATEST)
+    waiter = request.app.state.waiter
+    body = render(request.app.state.http_stats, reading, waiter.resent, waiter.revoked)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

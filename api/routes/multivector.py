@@ -14,8 +14,10 @@ from common.inputs.text import check_count, text_inputs
 from common.registry import ModelSpec
 from common.settings import Settings
 
-from ..deps import Authorized, DispatcherDep, RegistryDep, SettingsDep
+from ..deps import Authorized, DispatcherDep, GoneDep, RegistryDep, SettingsDep
+from ..dispatch import Dispatcher
 from ..responses import embedding_list
+from ..results import Gone
 from ..schemas import ImageEmbeddingRequest, TextEmbeddingRequest, _LateInteractionOptions
 
 router = APIRouter(prefix="/v1/embeddings", tags=["late-interaction"], dependencies=Authorized)
@@ -27,7 +29,8 @@ def _check_output(spec: ModelSpec, output: str) -> None:
 
 
 async def _embed(
-    dispatcher,
+    dispatcher: Dispatcher,
+    gone: Gone,
     spec: ModelSpec,
     modality: str,
     inputs: list[dict[str, Any]],
@@ -36,18 +39,27 @@ async def _embed(
 ) -> Response:
     _check_output(spec, options.output)
     result = await dispatcher.embed(
-        spec.name, modality, inputs, output=options.output, normalize=options.normalize, dtype=options.dtype, **extra
+        spec.name,
+        modality,
+        inputs,
+        gone,
+        output=options.output,
+        normalize=options.normalize,
+        dtype=options.dtype,
+        **extra,
     )
     return embedding_list(spec.name, result, options.encoding_format, options.dtype, with_shape=True)
 
 
 @router.post("/text", summary="Embed queries or text passages (pooled or multi-vector)")
 async def embed_text(
-    body: TextEmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep
+    body: TextEmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep, gone: GoneDep
 ) -> Response:
     spec = registry.get(body.model)
     inputs = text_inputs(body.input, settings.max_inputs)
-    return await _embed(dispatcher, spec, "text", inputs, body, input_type=body.input_type, truncate=body.truncate)
+    return await _embed(
+        dispatcher, gone, spec, "text", inputs, body, input_type=body.input_type, truncate=body.truncate
+    )
 
 
 def _image_inputs(images: list[bytes], settings: Settings) -> list[dict[str, Any]]:
@@ -105,10 +117,10 @@ _IMAGE_BODY = {
 
 @router.post("/image", summary="Embed page images (pooled or multi-vector)", openapi_extra=_IMAGE_BODY)
 async def embed_image(
-    request: Request, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep
+    request: Request, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep, gone: GoneDep
 ) -> Response:
     options, images = await _read_image_request(request)
     spec = registry.get(options.model)
     if "image" not in spec.modalities:
         raise InvalidRequest(f"The model '{spec.name}' does not embed images.", "model")
-    return await _embed(dispatcher, spec, "image", _image_inputs(images, settings), options)
+    return await _embed(dispatcher, gone, spec, "image", _image_inputs(images, settings), options)

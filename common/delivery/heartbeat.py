@@ -1,8 +1,8 @@
 """Worker heartbeats: each live worker keeps its name, with the time, in a sorted set per queue
 group (`keys.workers_alive`), and drops the names that have gone silent. Dropping one records the
 time in `keys.WORKER_DIED_AT`: only a worker that dies can lose a task (delivery.lost), so
-senders look for lost tasks only after that time moves. `live_workers` is the one reading of "which
-workers are live".
+senders look for lost tasks only after that time moves; a worker that stops takes its name out
+at once and records the time too. `live_workers` is the one reading of "which workers are live".
 """
 
 from __future__ import annotations
@@ -38,30 +38,57 @@ def beat(client: redis.Redis, sets: list[str], name: str, ttl_s: float) -> None:
         client.set(keys.WORKER_DIED_AT, now)
 
 
-def start_heartbeat(
-    client: redis.Redis,
-    sets: list[str],
-    name: str,
-    ttl_s: float,
-    alive: Callable[[], bool] = lambda: True,
-    extra: Callable[[], None] = lambda: None,
-) -> threading.Thread:
-    """A daemon thread that beats every third of `ttl_s` while `alive()`, running `extra` after
-    each beat, and takes the name out of the sets when `alive()` turns false."""
+def leave(client: redis.Redis, sets: list[str], name: str) -> None:
+    """Take `name` out of `sets` at once, and record the time as a worker's leaving: a message it
+    took off a queue as it stopped is looked for as one a dead worker took (delivery.lost)."""
+    with client.pipeline() as pipe:
+        for key in sets:
+            pipe.zrem(key, name)
+        pipe.set(keys.WORKER_DIED_AT, time.time())
+        pipe.execute()
 
-    def run() -> None:
-        while alive():
+
+class Heartbeat:
+    """A daemon thread that beats every `every_s` while `alive()`, running `extra` after each beat
+    (a worker renews its leases there), and leaves the sets when `alive()` turns false or `stop`
+    is called, whichever comes first."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        sets: list[str],
+        name: str,
+        ttl_s: float,
+        every_s: float,
+        alive: Callable[[], bool] = lambda: True,
+        extra: Callable[[], None] = lambda: None,
+    ):
+        self._client, self._sets, self._name, self._ttl, self._every = client, sets, name, ttl_s, every_s
+        self._alive, self._extra = alive, extra
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedq-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop beating and leave now: the API routes nothing more to this worker."""
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._thread.join(timeout=self._every + 5)
+
+    def _run(self) -> None:
+        while self._alive() and not self._stopped.is_set():
             try:
-                beat(client, sets, name, ttl_s)
-                extra()
-            except redis.RedisError:
-                log.warning("heartbeat to Redis failed", exc_info=True)
-            time.sleep(max(ttl_s / 3, 0.5))
-        with client.pipeline() as pipe:
-            for key in sets:
-                pipe.zrem(key, name)
-            pipe.execute()
-
-    thread = threading.Thread(target=run, name="embedq-heartbeat", daemon=True)
-    thread.start()
-    return thread
+                beat(self._client, self._sets, self._name, self._ttl)
+                self._extra()
+            except redis.RedisError as exc:
+                log.warning("heartbeat to Redis failed: %s", exc)
+            except Exception:  # a heartbeat that died would leave the worker unseen and its leases to lapse
+                log.exception("heartbeat failed")
+            self._stopped.wait(self._every)
+        try:
+            leave(self._client, self._sets, self._name)
+        except redis.RedisError as exc:
+            log.warning("leaving the heartbeat sets failed (they drop silent names anyway): %s", exc)

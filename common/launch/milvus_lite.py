@@ -38,7 +38,7 @@ class MilvusLiteServer:
                 raise RuntimeError(f"{self.host}:{self.port} is already in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = procs.spawn(
                 [
                     sys.executable,
                     "-m",

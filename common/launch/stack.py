@@ -3,8 +3,13 @@
 Redis (EMBEDQ_REDIS_URL, or a private embedded redis-server with its files under ./var/), Milvus
 (EMBEDQ_MILVUS_URI, or a Milvus Lite server with its data under ./var/), the API, one worker per
 model in models.yaml, the CPU ingestion worker, the search worker, and Flower when asked. It waits
-until the API says every one of them is live, prints the URLs, and on Ctrl-C / SIGTERM (or when
-any child dies) stops every child it started.
+until the API says every one of them is live, and prints the URLs.
+
+Ctrl-C or SIGTERM (or any child's death) stops the stack in dependency order: the API first, so no
+new work comes in; then the workers, which finish what they hold (Celery's warm shutdown; the fetch
+gate keeps that small), or, past WORKER_STOP_S, hand it back to the queue (cold shutdown); then
+Flower, Milvus and Redis, which the workers needed until then. The children run in process groups
+of their own, so a Ctrl-C in the terminal reaches only this process, which stops them in that order.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from . import procs
 from .milvus_lite import MilvusLiteServer
 
 READY_TIMEOUT_S = 600
+API_STOP_S = 3.0
+WORKER_STOP_S = 10.0  # then a cold shutdown: what a worker still holds goes back to its queue
+WORKER_COLD_STOP_S = 3.0
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "common.launch.cli", *args], env=env)
+    return procs.spawn([sys.executable, "-m", "common.launch.cli", *args], env=env)
 
 
 def _ready(url: str) -> dict | None:
@@ -37,10 +45,23 @@ def _ready(url: str) -> dict | None:
         return None
 
 
+def _stop_workers(workers: list[subprocess.Popen]) -> None:
+    """Warm shutdown, then cold shutdown (SIGQUIT: held tasks go back to their queues), then SIGKILL."""
+    procs.signal_all(workers, signal.SIGTERM)
+    if procs.wait_all(workers, WORKER_STOP_S):
+        return
+    procs.signal_all(workers, signal.SIGQUIT)
+    if not procs.wait_all(workers, WORKER_COLD_STOP_S):
+        procs.stop(workers, grace=0)
+
+
 def run_stack(flower: bool = False) -> int:
     settings = get_settings()
     env = dict(os.environ)
-    children: list[subprocess.Popen] = []
+    api: list[subprocess.Popen] = []
+    workers: list[subprocess.Popen] = []
+    tools: list[subprocess.Popen] = []
+    redis_proc: subprocess.Popen | None = None
     milvus: MilvusLiteServer | None = None
     stopping = False
 
@@ -55,7 +76,6 @@ def run_stack(flower: bool = False) -> int:
             os.environ.get("EMBEDQ_REDIS_URL"), settings.var_dir / "redis"
         )
         if redis_proc:
-            children.append(redis_proc)
             print(
                 f"embedq: embedded Redis on {env['EMBEDQ_REDIS_URL']} (data in {settings.var_dir / 'redis'})",
                 flush=True,
@@ -64,18 +84,18 @@ def run_stack(flower: bool = False) -> int:
             milvus = MilvusLiteServer(settings.var_dir / "milvus", procs.free_port()).start()
             env["EMBEDQ_MILVUS_URI"] = milvus.uri
             print(f"embedq: embedded Milvus Lite on {milvus.uri} (data in {milvus.data_dir})", flush=True)
-        children.append(_spawn(["api"], env))
+        api.append(_spawn(["api"], env))
         for spec in load_registry(settings.models_file):
-            children.append(_spawn(["worker", "--model", spec.name], env))
-        children.append(_spawn(["ingest-worker"], env))
-        children.append(_spawn(["search-worker"], env))
+            workers.append(_spawn(["worker", "--model", spec.name], env))
+        workers.append(_spawn(["ingest-worker"], env))
+        workers.append(_spawn(["search-worker"], env))
         if flower:
-            children.append(_spawn(["flower"], env))
+            tools.append(_spawn(["flower"], env))
         base = f"http://{settings.host}:{settings.port}"
         deadline = time.monotonic() + READY_TIMEOUT_S
         announced = False
         while not stopping:
-            if any(child.poll() is not None for child in children):
+            if any(child.poll() is not None for child in api + workers + tools):
                 print("embedq: a child process exited; stopping the stack", file=sys.stderr, flush=True)
                 return 1
             if not announced:
@@ -92,6 +112,11 @@ def run_stack(flower: bool = False) -> int:
         return 0
     finally:
         print("embedq: stopping", flush=True)
-        procs.stop(list(reversed(children)))
+        procs.stop(api, grace=API_STOP_S)
+        _stop_workers(workers)
+        procs.stop(tools)
         if milvus is not None:
             milvus.stop()
+        if redis_proc is not None:
+            procs.stop([redis_proc])
+        print("embedq: stopped", flush=True)

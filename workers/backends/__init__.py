@@ -16,6 +16,8 @@ _MODULES = {"text": "workers.backends.text", "colpali": "workers.backends.colpal
 
 
 def create_backend(spec: ModelSpec, device: str, settings: Settings) -> Backend:
-    """The backend named by `spec.backend`, not yet loaded."""
-    module = importlib.import_module(_MODULES[spec.backend])
-    return module.create(spec, device, settings)
+    """The backend named by `spec.backend` (a family here, or `module:function`), not yet loaded."""
+    if spec.backend in _MODULES:
+        return importlib.import_module(_MODULES[spec.backend]).create(spec, device, settings)
+    module, _, function = spec.backend.partition(":")
+    return getattr(importlib.import_module(module), function)(spec, device, settings)

@@ -42,10 +42,53 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 @shared_task(name=INGEST_TASK, bind=True)
 def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, content_type: str | None = None) -> None:
+    """Render or chunk one uploaded file and queue its batches. Redelivered because the worker
+    process running it died, it runs counted (common.delivery.crashes), and the file fails once
+    such runs reach EMBEDQ_MAX_DELIVERIES."""
+    proc = process.current()
     try:
-        _ingest(job_id, index, collection, model, content_type)
+        if not (self.request.delivery_info or {}).get("redelivered"):
+            _ingest(job_id, index, collection, model, content_type)
+        elif proc.crashes.exhausted(self.request.id):
+            proc.jobs.abandon(job_id, index, proc.crashes.gave_up(self.request.id))
+        else:
+            with proc.crashes.running(self.request.id):
+                _ingest(job_id, index, collection, model, content_type)
     finally:
-        process.current().ledger.done(job_id, self.request.id)
+        proc.ledger.done(job_id, self.request.id)
+
+
+class _File:
+    """One file being queued: the units it has, and which of them are on their way."""
+
+    def __init__(self, jobs: JobStore, target: dict[str, Any]):
+        self.jobs, self.target = jobs, target
+        self.job_id, self.index = target["job_id"], target["index"]
+        self.units: list[str] = []
+        self.sent: set[str] = set()
+
+    def total(self, units: list[str]) -> None:
+        self.units = units
+        self.jobs.set_total(self.job_id, self.index, len(units))
+
+    def send(self, task: str, units: list[str], **kwargs: Any) -> None:
+        """Queue a batch, unless the job is cancelled: then this and every unit not yet sent is skipped."""
+        if self.jobs.is_cancelled(self.job_id):
+            self.jobs.record(self.job_id, self.index, "skipped", self.unsent())
+            raise _Cancelled
+        process.current().ledger.send(self.job_id, task, {**self.target, **kwargs})
+        self.sent.update(units)
+
+    def unsent(self) -> list[str]:
+        return [unit for unit in self.units if unit not in self.sent]
+
+    def fail(self, error: str) -> None:
+        """The file failed: the units never sent fail with `error`; the sent ones still report."""
+        self.jobs.fail_file(self.job_id, self.index, error, self.unsent())
+
+
+class _Cancelled(Exception):
+    """The job was cancelled while its file was being queued."""
 
 
 def _ingest(job_id: str, index: int, collection: str, model: str, content_type: str | None) -> None:
@@ -67,69 +110,57 @@ def _ingest(job_id: str, index: int, collection: str, model: str, content_type: 
         "filename": info["filename"],
         "metadata": info["metadata"],
     }
+    file = _File(jobs, target)
     try:
         kind = detect_kind(info["filename"], content_type, data[:8192])
         jobs.set_kind(job_id, index, kind)
         if kind == "office":
             data, kind = convert_office_to_pdf(data, info["filename"], settings.office_timeout_s), "pdf"
         if kind == "pdf":
-            _queue_pdf(jobs, target, data)
+            _queue_pdf(file, data)
         elif kind == "image":
-            _queue_image(jobs, target, data)
+            _queue_image(file, data)
         else:
-            _queue_text(jobs, target, data, kind)
+            _queue_text(file, data, kind)
+    except _Cancelled:
+        pass
     except EmbedqError as exc:
-        jobs.fail_file(job_id, index, exc.message)
+        file.fail(exc.message)
     except Exception as exc:  # never leave a job waiting on a file that died here
         log.exception("ingesting %s of job %s failed", info["filename"], job_id)
-        jobs.fail_file(job_id, index, f"internal error: {exc}")
+        file.fail(f"internal error: {exc}")
     finally:
         jobs.drop_upload(job_id, index)
 
 
-def _send(task: str, target: dict[str, Any], **kwargs: Any) -> None:
-    process.current().ledger.send(target["job_id"], task, {**target, **kwargs})
-
-
-def _skip_rest(jobs: JobStore, target: dict[str, Any], units: list[str]) -> None:
-    jobs.record(target["job_id"], target["index"], "skipped", units)
-
-
-def _queue_pdf(jobs: JobStore, target: dict[str, Any], data: bytes) -> None:
-    job_id, index = target["job_id"], target["index"]
+def _queue_pdf(file: _File, data: bytes) -> None:
     settings = process.current().settings
     total = count_pdf_pages(data)
-    jobs.set_total(job_id, index, total)
-    pages = render_pdf_pages(data, settings.pdf_dpi(total), settings.max_image_pixels)
-    for batch in _batches(pages, settings.ingest_pages_per_task):
-        if jobs.is_cancelled(job_id):
-            _skip_rest(jobs, target, [page_unit(index, page + 1) for page in range(batch[0][0], total)])
-            return
+    file.total([page_unit(file.index, page) for page in range(1, total + 1)])
+    rendered = render_pdf_pages(data, settings.pdf_dpi(total), settings.max_image_pixels)
+    for batch in _batches(rendered, settings.ingest_pages_per_task):
         pages = [{"page": page + 1, "image": encode_png(image)} for page, image in batch]
-        _send(INDEX_PAGES_TASK, target, pages=pages)
+        file.send(INDEX_PAGES_TASK, [page_unit(file.index, p["page"]) for p in pages], pages=pages)
 
 
-def _queue_image(jobs: JobStore, target: dict[str, Any], data: bytes) -> None:
+def _queue_image(file: _File, data: bytes) -> None:
     load_image(data, process.current().settings.max_image_pixels)  # refuse a bad image here, as its file's error
-    jobs.set_total(target["job_id"], target["index"], 1)
-    _send(INDEX_PAGES_TASK, target, pages=[{"page": 1, "image": data}])
+    file.total([page_unit(file.index, 1)])
+    file.send(INDEX_PAGES_TASK, file.units, pages=[{"page": 1, "image": data}])
 
 
-def _queue_text(jobs: JobStore, target: dict[str, Any], data: bytes, kind: str) -> None:
+def _queue_text(file: _File, data: bytes, kind: str) -> None:
     settings = process.current().settings
+    metadata = file.target["metadata"]
     if kind == "jsonl":
-        records = [(r["id"], r["text"], {**target["metadata"], **r["metadata"]}) for r in parse_jsonl(data)]
+        records = [(r["id"], r["text"], {**metadata, **r["metadata"]}) for r in parse_jsonl(data)]
     else:
-        records = [(target["doc_id"], decode_text(data), target["metadata"])]
+        records = [(file.target["doc_id"], decode_text(data), metadata)]
     chunks = [
-        {"doc_id": doc_id, "chunk": number, "text": text, "metadata": metadata}
-        for doc_id, body, metadata in records
+        {"doc_id": doc_id, "chunk": number, "text": text, "metadata": meta}
+        for doc_id, body, meta in records
         for number, text in enumerate(chunk_text(body, settings.chunk_size, settings.chunk_overlap))
     ]
-    job_id, index = target["job_id"], target["index"]
-    jobs.set_total(job_id, index, len(chunks))
-    for start in range(0, len(chunks), settings.ingest_chunks_per_task):
-        if jobs.is_cancelled(job_id):
-            _skip_rest(jobs, target, [chunk_unit(index, c) for c in chunks[start:]])
-            return
-        _send(INDEX_CHUNKS_TASK, target, chunks=chunks[start : start + settings.ingest_chunks_per_task])
+    file.total([chunk_unit(file.index, c) for c in chunks])
+    for batch in _batches(chunks, settings.ingest_chunks_per_task):
+        file.send(INDEX_CHUNKS_TASK, [chunk_unit(file.index, c) for c in batch], chunks=batch)

@@ -10,15 +10,24 @@ pages never makes a short query wait behind it for more than the batch already r
 It knows nothing of models: `run` takes a list of prepared inputs and returns one array each, or
 raises. A failed batch sends its error to every request in it; `OutOfMemory` splits the batch
 and retries the halves, so a request that fits alone never fails for its neighbours.
+
+Each submission says where it came from (`Origin`): an input whose deadline has passed, or whose
+origin `dropped` names (a caller that has gone), is answered `Dropped` without being computed; an
+origin marked `alone` (a suspect that may have killed a worker before) has each of its inputs run
+in a pass of its own, inside its `guard`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,11 +43,27 @@ class BatcherStats:
     items: int = 0
     oom_splits: int = 0
     failed_batches: int = 0
+    dropped: int = 0
+
+
+class Dropped(Exception):
+    """An input not computed because nobody waits for its answer any more."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where submitted inputs came from (one task)."""
+
+    tag: str = ""  # what `dropped` is asked about (a task id)
+    deadline: float = math.inf  # unix time after which nobody wants the answer
+    alone: bool = False  # run each input in a pass of its own
+    guard: Callable[[], AbstractContextManager] = contextlib.nullcontext  # wraps those passes
 
 
 @dataclass
 class _Pending:
     item: Prepared
+    origin: Origin
     future: Future = field(default_factory=Future)
 
 
@@ -73,8 +98,10 @@ class Batcher:
         token_budget: int,
         max_batch_size: int,
         modalities: Sequence[str] = ("text", "image"),
+        dropped: Callable[[str], bool] = lambda tag: False,
     ):
         self._run = run
+        self._dropped = dropped
         self._token_budget = token_budget
         self._max_batch_size = max_batch_size
         self._queues: dict[str, deque[_Pending]] = {m: deque() for m in modalities}
@@ -82,6 +109,7 @@ class Batcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="embedq-batcher", daemon=True)
         self.stats = BatcherStats()
+        self.embedded: dict[str, int] = dict.fromkeys(modalities, 0)  # inputs computed, per modality
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -97,8 +125,8 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def submit(self, modality: str, items: Sequence[Prepared]) -> list[Future]:
-        pending = [_Pending(item) for item in items]
+    def submit(self, modality: str, items: Sequence[Prepared], origin: Origin = Origin()) -> list[Future]:
+        pending = [_Pending(item, origin) for item in items]
         with self._cond:
             if not self.alive:
                 raise RuntimeError(f"the batcher is not running: {self.error!r}")
@@ -106,32 +134,50 @@ class Batcher:
             self._cond.notify()
         return [p.future for p in pending]
 
-    def _take(self) -> list[_Pending] | None:
-        """Everything pending of the first modality that has any, within budget and cap."""
+    def _take(self) -> tuple[str, list[_Pending]] | None:
+        """Everything pending of the first modality that has any, within budget and cap, up to
+        the first input that runs alone (or that input by itself)."""
         with self._cond:
             while not self._stopping and not any(self._queues.values()):
                 self._cond.wait()
             if self._stopping:
                 return None
-            queue = next(q for q in self._queues.values() if q)
+            modality, queue = next((m, q) for m, q in self._queues.items() if q)
+            if queue[0].origin.alone:
+                return modality, [queue.popleft()]
             taken: list[_Pending] = []
             longest = 0
-            while queue and len(taken) < self._max_batch_size:
+            while queue and len(taken) < self._max_batch_size and not queue[0].origin.alone:
                 longest_if_taken = max(longest, queue[0].item.cost)
                 if taken and longest_if_taken * (len(taken) + 1) > self._token_budget:
                     break
                 taken.append(queue.popleft())
                 longest = longest_if_taken
-            return taken
+            return modality, taken
+
+    def _wanted(self, pending: _Pending, now: float) -> bool:
+        """False (and the input answered `Dropped`) when nobody waits for it any more."""
+        if now <= pending.origin.deadline and not self._dropped(pending.origin.tag):
+            return pending.future.set_running_or_notify_cancel()
+        if pending.future.set_running_or_notify_cancel():
+            pending.future.set_exception(Dropped("its caller has gone or its deadline has passed"))
+        self.stats.dropped += 1
+        return False
 
     def _loop(self) -> None:
         taken: list[_Pending] = []
         try:
-            while (taken := self._take()) is not None:
-                taken = [p for p in taken if p.future.set_running_or_notify_cancel()]
+            while (took := self._take()) is not None:
+                modality, taken = took
+                now = time.time()
+                taken = [p for p in taken if self._wanted(p, now)]
                 taken.sort(key=lambda p: p.item.cost)
                 for forward_pass in forward_passes(taken):
-                    self._run_or_split(forward_pass)
+                    if forward_pass[0].origin.alone:
+                        with forward_pass[0].origin.guard():
+                            self._run_or_split(modality, forward_pass)
+                    else:
+                        self._run_or_split(modality, forward_pass)
         except BaseException as exc:  # a dead batcher must not leave requests waiting forever
             log.exception("batcher thread died")
             with self._cond:
@@ -144,7 +190,7 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
 
-    def _run_or_split(self, batch: list[_Pending]) -> None:
+    def _run_or_split(self, modality: str, batch: list[_Pending]) -> None:
         if not batch:
             return
         try:
@@ -157,8 +203,8 @@ class Batcher:
             self.stats.oom_splits += 1
             log.warning("out of memory on a batch of %d; splitting", len(batch))
             half = len(batch) // 2
-            self._run_or_split(batch[:half])
-            self._run_or_split(batch[half:])
+            self._run_or_split(modality, batch[:half])
+            self._run_or_split(modality, batch[half:])
             return
         except Exception as exc:
             self.stats.failed_batches += 1
@@ -168,5 +214,6 @@ class Batcher:
             return
         self.stats.batches += 1
         self.stats.items += len(batch)
+        self.embedded[modality] += len(batch)
         for p, out in zip(batch, outputs):
             p.future.set_result(out)

@@ -9,7 +9,10 @@ contract (README, "Direct Celery submission"), so other Python backends can subm
 from __future__ import annotations
 
 import logging
+import math
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -23,31 +26,69 @@ from common.vectors import pack
 
 from .. import process
 from ..backends.base import EmbedInput, Prepared, finalize
+from .batcher import Dropped, Origin
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+WAIT_STEP_S = 5.0  # how often a task waiting on the batcher checks that it still runs
 
-def run_model(model: str, modality: str, items: list[EmbedInput]) -> tuple[list[np.ndarray], list[Prepared]]:
-    """The raw model outputs for `items`, batched with whatever else this worker has pending."""
-    proc = process.current()
-    rt = proc.runtime
+
+def origin(task) -> Origin:
+    """Where the task's inputs come from, for the batcher: its id, its deadline (the message's
+    `expires`), and, for a message redelivered because its worker died, `alone` with a guard that
+    counts the runs a death cuts short (common.delivery.crashes)."""
+    request = task.request
+    expires = request.expires
+    deadline = datetime.fromisoformat(expires).timestamp() if isinstance(expires, str) else math.inf
+    if not (request.delivery_info or {}).get("redelivered"):
+        return Origin(request.id, deadline)
+    crashes = process.current().crashes
+    return Origin(request.id, deadline, alone=True, guard=lambda: crashes.running(request.id))
+
+
+def exhausted(task) -> str | None:
+    """Why a redelivered task must not run again (it killed its worker too often), or None."""
+    if not (task.request.delivery_info or {}).get("redelivered"):
+        return None
+    crashes = process.current().crashes
+    return crashes.gave_up(task.request.id) if crashes.exhausted(task.request.id) else None
+
+
+def run_model(
+    model: str, modality: str, items: list[EmbedInput], source: Origin
+) -> tuple[list[np.ndarray], list[Prepared]]:
+    """The raw model outputs for `items`, batched with whatever else this worker has pending. The
+    wait ends at the source's deadline, or when the batcher stops running."""
+    rt = process.current().runtime
     if model != rt.spec.name or modality not in rt.modalities:
         raise InvalidRequest(f"This worker serves {rt.spec.name} {rt.modalities}, not {model} {modality}.", "model")
     prepared = [rt.backend.prepare(item) for item in items]
-    futures = rt.batcher.submit(modality, prepared)
-    timeout = proc.settings.request_timeout_s
+    futures = rt.batcher.submit(modality, prepared, source)
     try:
-        return [future.result(timeout=timeout) for future in futures], prepared
-    except FutureTimeout:
-        raise ServiceUnavailable(f"The model did not answer within {timeout:.0f}s.") from None
+        return [_result(future, rt, source.deadline) for future in futures], prepared
+    except Dropped as exc:
+        raise ServiceUnavailable(f"Not computed: {exc}.") from None
     except EmbedqError:
         raise
     except Exception as exc:
         raise BackendError(f"The model failed on this batch: {exc}") from exc
 
 
-@shared_task(name=EMBED_TASK)
+def _result(future, rt: Runtime, deadline: float) -> np.ndarray:
+    while True:
+        try:
+            return future.result(timeout=max(min(WAIT_STEP_S, deadline - time.time()), 0))
+        except FutureTimeout:
+            if time.time() >= deadline:
+                raise ServiceUnavailable("The model did not answer before the request's deadline.") from None
+            if not rt.batcher.alive:
+                raise ServiceUnavailable(f"The batcher stopped: {rt.batcher.error!r}") from None
+
+
+@shared_task(name=EMBED_TASK, bind=True, throws=(EmbedqError,))
 def embed(
+    self,
     *,
     model: str,
     modality: str,
@@ -67,32 +108,36 @@ def embed(
     spec = process.current().runtime.spec
     if output == "multivector" and not spec.multivector:
         raise InvalidRequest(f"The model '{model}' gives one vector per input; output must be 'pooled'.", "output")
+    if reason := exhausted(self):
+        raise BackendError(f"These inputs were not embedded: {reason}.")
     items = [EmbedInput(modality=modality, input_type=input_type, truncate=truncate, **entry) for entry in inputs]
-    arrays, prepared = run_model(model, modality, items)
+    arrays, prepared = run_model(model, modality, items, origin(self))
     normalize = spec.normalize if normalize is None else normalize
     vectors = [finalize(a, pooled=output == "pooled", normalize=normalize, dimensions=dimensions) for a in arrays]
     return {**pack(vectors, dtype), "tokens": [p.n_tokens for p in prepared]}
 
 
-def _index(task_id: str, job_id: str, index: int, collection: str, units: list[str], what: str, write) -> None:
-    """Run `write` for a batch of a job's units unless the job is cancelled, and count the units
-    as processed, failed (with the error on their file) or skipped. Never raises: a batch that
-    fails is counted, so its job still finishes. The report that finishes the job flushes the
-    collection, so its rows are searched through the index, not by brute force."""
+def _index(task, job_id: str, index: int, collection: str, units: list[str], what: str, write) -> None:
+    """Run `write(origin)` for a batch of a job's units unless the job is cancelled or the batch
+    killed its worker too often, and count the units as processed, failed (with the error on their
+    file) or skipped. A batch that fails is counted, so its job still finishes. The report that
+    finishes the job flushes the collection, so its rows are searched through the index, not by
+    brute force."""
     proc = process.current()
     jobs = proc.jobs
-    if jobs.is_cancelled(job_id):
-        finished = jobs.record(job_id, index, "skipped", units)
-    else:
-        try:
-            write()
-        except Exception as exc:
-            if not isinstance(exc, EmbedqError):
-                log.exception("indexing %s of job %s failed", what, job_id)
-            finished = jobs.record(job_id, index, "failed", units, error=f"{what}: {exc}")
+    try:
+        if jobs.is_cancelled(job_id):
+            finished = jobs.record(job_id, index, "skipped", units)
+        elif reason := exhausted(task):
+            finished = jobs.record(job_id, index, "failed", units, error=f"{what}: {reason}")
         else:
+            write(origin(task))
             finished = jobs.record(job_id, index, "processed", units)
-    proc.ledger.done(job_id, task_id)
+    except Exception as exc:
+        if not isinstance(exc, EmbedqError):
+            log.exception("indexing %s of job %s failed", what, job_id)
+        finished = jobs.record(job_id, index, "failed", units, error=f"{what}: {exc}")
+    proc.ledger.done(job_id, task.request.id)
     if finished:
         proc.store.flush(collection)
 
@@ -112,8 +157,8 @@ def index_pages(
 ) -> None:
     """Embed page images (`[{"page": int, "image": bytes}]`) and store their token vectors."""
 
-    def write() -> None:
-        arrays, _ = run_model(model, "image", [EmbedInput("image", image=p["image"]) for p in pages])
+    def write(source: Origin) -> None:
+        arrays, _ = run_model(model, "image", [EmbedInput("image", image=p["image"]) for p in pages], source)
         process.current().store.upsert_pages(
             collection,
             [
@@ -130,7 +175,7 @@ def index_pages(
 
     first, last = pages[0]["page"], pages[-1]["page"]
     _index(
-        self.request.id,
+        self,
         job_id,
         index,
         collection,
@@ -155,9 +200,9 @@ def index_chunks(
 ) -> None:
     """Embed text chunks (`[{"doc_id", "chunk", "text", "metadata"}]`) and store one vector each."""
 
-    def write() -> None:
+    def write(source: Origin) -> None:
         items = [EmbedInput("text", text=c["text"], input_type="document") for c in chunks]
-        arrays, _ = run_model(model, "text", items)
+        arrays, _ = run_model(model, "text", items, source)
         process.current().store.upsert_chunks(
             collection,
             [
@@ -174,7 +219,7 @@ def index_chunks(
         )
 
     _index(
-        self.request.id,
+        self,
         job_id,
         index,
         collection,
