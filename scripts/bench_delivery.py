@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from common.launch import procs  # noqa: E402
 from common.launch.milvus_lite import MilvusLiteServer  # noqa: E402
+from scripts.bench_ingest import MODEL, make_pdf, models_file  # noqa: E402
 
-MODEL = "colqwen2"
 MANUALS = [
     Path("/usr/share/doc/libtasn1-doc/libtasn1.pdf"),
     Path("/usr/share/doc/shared-mime-info/shared-mime-info-spec.pdf"),
@@ -41,8 +41,6 @@ def documents(paths: list[Path]) -> list[tuple[str, bytes]]:
         return [(path.name, path.read_bytes()) for path in paths]
     if all(path.is_file() for path in MANUALS):
         return [(path.name, path.read_bytes()) for path in MANUALS]
-    from scripts.bench_ingest import make_pdf
-
     print("(the Debian manuals are not installed: using two generated PDFs of 36 and 17 pages)")
     return [("generated-36.pdf", make_pdf(36, seed=1)), ("generated-17.pdf", make_pdf(17, seed=2))]
 
@@ -60,11 +58,7 @@ def run(visibility_s: int, docs: list[tuple[str, bytes]], model_path: Path, thre
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        config = tmp / "models.yaml"
-        config.write_text(
-            f"models:\n  - name: {MODEL}\n    backend: colpali\n    model_class: ColQwen2\n"
-            f"    path: {model_path}\n    device: cpu\n    modalities: [text, image]\n"
-        )
+        config = models_file(tmp, model_path)
         redis_url, redis_proc = procs.redis_or_embedded(None, tmp / "redis")
         with MilvusLiteServer(tmp / "milvus", procs.free_port()) as milvus:
             env = test_env(

@@ -49,6 +49,16 @@ def make_pdf(pages: int, seed: int) -> bytes:
     return out.getvalue()
 
 
+def models_file(folder: Path, checkpoint: Path) -> Path:
+    """A models.yaml in `folder` serving the tiny ColQwen2 at `checkpoint` on the CPU."""
+    config = folder / "models.yaml"
+    config.write_text(
+        f"models:\n  - name: {MODEL}\n    backend: colpali\n    model_class: ColQwen2\n"
+        f"    path: {checkpoint}\n    device: cpu\n    modalities: [text, image]\n"
+    )
+    return config
+
+
 def measure_ceiling(spec, pdf: bytes, threads: int) -> dict:
     import torch
 
@@ -143,11 +153,7 @@ def main() -> None:
     ceiling = measure_ceiling(spec, make_pdf(args.pages, seed=1), args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        config = tmp / "models.yaml"
-        config.write_text(
-            f"models:\n  - name: {MODEL}\n    backend: colpali\n    model_class: ColQwen2\n"
-            f"    path: {path}\n    device: cpu\n    modalities: [text, image]\n"
-        )
+        config = models_file(tmp, path)
         redis_url, redis_proc = procs.redis_or_embedded(os.environ.get("EMBEDQ_REDIS_URL"), tmp / "redis")
         with MilvusLiteServer(tmp / "milvus", procs.free_port()) as milvus:
             env = test_env(
