@@ -6,6 +6,8 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from redis import RedisError
 from starlette.exceptions import HTTPException
 
 from common.errors import EmbedqError, QueueFull
@@ -35,7 +37,17 @@ def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse(error_body(str(exc.detail), type_), exc.status_code, headers=exc.headers)
 
 
+def _unreachable(_: Request, exc: Exception) -> JSONResponse:
+    """Redis (the queue) is away, restarting say: the request could not be taken; 503, retry later."""
+    message = f"The queue is not reachable right now ({type(exc).__name__}); try again shortly."
+    return JSONResponse(
+        error_body(message, "server_error", None, "service_unavailable"), 503, headers={"Retry-After": "1"}
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EmbedqError, _embedq_error)
+    app.add_exception_handler(RedisError, _unreachable)
+    app.add_exception_handler(OperationalError, _unreachable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from common.connections import async_redis_client, redis_client
 from common.delivery.app import create_celery_app
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
@@ -33,8 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = aioredis.Redis.from_url(settings.redis_url, max_connections=256)
-        sync_client = redis.Redis.from_url(settings.redis_url)
+        client = async_redis_client(settings, max_connections=256)
+        sync_client = redis_client(settings)
         celery = create_celery_app(settings)
         waiter = ResultWaiter(client, sync_client, celery, settings.lost_task_check_s)
         await waiter.start()

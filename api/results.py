@@ -24,6 +24,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
+from redis import RedisError
 
 from common import keys
 from common.delivery.lost import sweep
@@ -79,8 +80,8 @@ class ResultWaiter:
                 message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("result listener lost its connection; retrying")
+            except RedisError as exc:  # Redis restarting: the subscription comes back with the connection
+                log.warning("result listener lost its connection (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
             if message is None:
@@ -100,7 +101,8 @@ class ResultWaiter:
         future = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = _Waiting(future, queue, send, time.time())
         try:
-            send()
+            # Sending blocks (kombu is synchronous, and retries a Redis that is away): not on the loop.
+            await asyncio.to_thread(send)
             return self._outcome(await self._await(task_id, future, timeout, gone))
         finally:
             del self._waiting[task_id]
@@ -135,6 +137,8 @@ class ResultWaiter:
                 await self.resend_lost()
             except asyncio.CancelledError:
                 raise
+            except RedisError as exc:
+                log.warning("looking for lost tasks failed (%s); trying again at the next sweep", exc)
             except Exception:
                 log.exception("looking for lost tasks failed; trying again at the next sweep")
 
@@ -151,5 +155,5 @@ class ResultWaiter:
                     "task %s vanished from %s with a dead worker; sending it again", task_id, waiting[task_id].queue
                 )
                 self._waiting[task_id].known_at = looked_at
-                self._waiting[task_id].send()
+                await asyncio.to_thread(self._waiting[task_id].send)
                 self.resent += 1

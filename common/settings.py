@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     # Where things are
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis call fails after these rather than hanging (blocking reads block for 1 s at most).
+    redis_connect_timeout_s: float = Field(default=3.0, gt=0)
+    redis_socket_timeout_s: float = Field(default=10.0, gt=1)
     models_file: Path = PROJECT_ROOT / "models.yaml"
     var_dir: Path = PROJECT_ROOT / "var"
 

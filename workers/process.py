@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import redis
 from celery import Celery
 
+from common.connections import redis_client
 from common.delivery.app import create_celery_app
 from common.delivery.crashes import Crashes
 from common.delivery.leases import Leases
@@ -72,7 +73,7 @@ def start(settings: Settings, kind: str) -> Process:
     leases = Leases()
     leases.install(celery)
     name = f"{kind}@{socket.gethostname()}:{os.getpid()}"
-    _current = Process(settings, name, redis.Redis.from_url(settings.redis_url), celery, leases)
+    _current = Process(settings, name, redis_client(settings), celery, leases)
     return _current
 
 

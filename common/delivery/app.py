@@ -16,6 +16,7 @@ from ..settings import Settings
 def create_celery_app(settings: Settings) -> Celery:
     app = Celery("embedq", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
+        broker_transport="common.delivery.transport:Transport",
         # msgpack carries vectors as bytes; JSON would need float lists or base64.
         task_serializer="msgpack",
         result_serializer="msgpack",
@@ -30,6 +31,9 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
+            "socket_connect_timeout": settings.redis_connect_timeout_s,
+            "socket_timeout": settings.redis_socket_timeout_s,
+            "health_check_interval": 15,
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
             # A worker killed inside a restore scan leaves its lock behind; kombu's default 300 s
@@ -39,6 +43,12 @@ def create_celery_app(settings: Settings) -> Celery:
             "queue_order_strategy": "priority",
         },
         result_expires=settings.result_expires_s,
+        redis_socket_connect_timeout=settings.redis_connect_timeout_s,
+        redis_socket_timeout=settings.redis_socket_timeout_s,
+        redis_retry_on_timeout=True,
+        # A worker keeps trying to reach a Redis that restarts, however long it takes.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=settings.task_events,

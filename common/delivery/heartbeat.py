@@ -67,6 +67,7 @@ class Heartbeat:
         self._alive, self._extra = alive, extra
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedq-heartbeat", daemon=True)
+        self._redis_run: str | None = None  # the run id of the Redis server, to notice its restarts
 
     def start(self) -> Heartbeat:
         self._thread.start()
@@ -78,10 +79,20 @@ class Heartbeat:
             self._stopped.set()
             self._thread.join(timeout=self._every + 5)
 
+    def _notice_restart(self) -> None:
+        """A Redis that restarted may have lost its last second of writes (a task just sent, say):
+        record the time as a worker's death, so that senders look for tasks gone missing."""
+        run = self._client.info("server")["run_id"]
+        if self._redis_run is not None and run != self._redis_run:
+            log.warning("Redis restarted; senders will look for tasks it lost")
+            self._client.set(keys.WORKER_DIED_AT, time.time())
+        self._redis_run = run
+
     def _run(self) -> None:
         while self._alive() and not self._stopped.is_set():
             try:
                 beat(self._client, self._sets, self._name, self._ttl)
+                self._notice_restart()
                 self._extra()
             except redis.RedisError as exc:
                 log.warning("heartbeat to Redis failed: %s", exc)
