@@ -17,6 +17,11 @@ SEARCH_WORKERS_ALIVE = "embedq:workers:search"  # Sorted set: search worker -> l
 WORKER_DIED_AT = "embedq:worker-died-at"
 
 
+# Hash: child name -> JSON {state, restarts, last_exit, failing} of the processes `embedq up`
+# supervises, refreshed every half second (common.launch.stack).
+STACK_CHILDREN = "embedq:stack:children"
+
+
 def task_crashes(task_id: str) -> str:
     """String: runs of a redelivered task that began and did not end (common.delivery.crashes)."""
     return f"embedq:task:{task_id}:crashes"

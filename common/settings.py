@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     office_timeout_s: float = Field(default=120.0, gt=0)  # LibreOffice conversion to PDF
     chunk_size: int = Field(default=1000, gt=0)  # characters
     chunk_overlap: int = Field(default=200, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(
+                f"EMBEDQ_CHUNK_OVERLAP ({self.chunk_overlap}) must be under EMBEDQ_CHUNK_SIZE ({self.chunk_size})"
+            )
+        return self
 
     @property
     def heartbeat_every_s(self) -> float:

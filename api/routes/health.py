@@ -1,8 +1,11 @@
 """Health: `/healthz` and `/health/live` (the process answers), `/health/ready` (Redis answers and
 every served model has a live, warmed worker for each of its modalities; it also counts the live
-ingestion and search workers, which uploads and page searches need). Never behind auth."""
+ingestion and search workers, which uploads and page searches need, and, under `embedq up`, names
+the processes that keep failing). Never behind auth."""
 
 from __future__ import annotations
+
+import json
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -32,10 +35,13 @@ async def ready(client: RedisDep, registry: RegistryDep, settings: SettingsDep) 
                 keys.SEARCH_WORKERS_ALIVE,
             ]:
                 live_workers(pipe, key, settings.worker_heartbeat_ttl_s)
-            *counts, ingest_workers, search_workers = map(len, await pipe.execute())
+            pipe.hgetall(keys.STACK_CHILDREN)
+            *members, stack = await pipe.execute()
     except Exception as exc:
         return JSONResponse({"status": "unavailable", "redis": f"error: {exc}"}, 503)
+    *counts, ingest_workers, search_workers = map(len, members)
     workers = {f"{model}/{modality}": count for (model, modality), count in zip(wanted, counts)}
+    children = {name.decode(): json.loads(state) for name, state in stack.items()}
     ok = all(counts)
     return JSONResponse(
         {
@@ -44,6 +50,8 @@ async def ready(client: RedisDep, registry: RegistryDep, settings: SettingsDep) 
             "workers": workers,
             "ingest_workers": ingest_workers,
             "search_workers": search_workers,
+            # Under `embedq up`: the processes it restarts again and again.
+            "failing": sorted(name for name, state in children.items() if state["failing"]),
         },
         200 if ok else 503,
     )

@@ -1,15 +1,21 @@
 """`embedq up`: the whole local stack in the foreground, what `./scripts/run` starts.
 
-Redis (EMBEDQ_REDIS_URL, or a private embedded redis-server with its files under ./var/), Milvus
+Redis (EMBEDQ_REDIS_URL, or a private embedded redis-server keeping an append-only file under
+./var/redis, fsynced every second, so a restart loses at most a second of writes), Milvus
 (EMBEDQ_MILVUS_URI, or a Milvus Lite server with its data under ./var/), the API, one worker per
 model in models.yaml, the CPU ingestion worker, the search worker, and Flower when asked. It waits
 until the API says every one of them is live, and prints the URLs.
 
-Ctrl-C or SIGTERM (or any child's death) stops the stack in dependency order: the API first, so no
-new work comes in; then the workers, which finish what they hold (Celery's warm shutdown; the fetch
-gate keeps that small), or, past WORKER_STOP_S, hand it back to the queue (cold shutdown); then
-Flower, Milvus and Redis, which the workers needed until then. The children run in process groups
-of their own, so a Ctrl-C in the terminal reaches only this process, which stops them in that order.
+It supervises its children as a process manager does: a child that exits is logged and started
+again (on the same port, for Redis and Milvus), after a backoff that doubles up to
+MAX_BACKOFF_S and starts over once the child has stayed up STABLE_S. A child that keeps failing is
+logged, and reported on `/health/ready` (through keys.STACK_CHILDREN).
+
+Ctrl-C or SIGTERM stops the stack in dependency order: the API first, so no new work comes in;
+then the workers, which finish what they hold (Celery's warm shutdown; the fetch gate keeps that
+small), or, past WORKER_STOP_S, hand it back to the queue (cold shutdown); then Flower, Milvus and
+Redis, which the workers needed until then. The children run in process groups of their own, so a
+Ctrl-C in the terminal reaches only this process, which stops them in that order.
 """
 
 from __future__ import annotations
@@ -21,9 +27,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import redis
+
+from .. import keys
+from ..connections import redis_client
 from ..registry import load_registry
-from ..settings import get_settings
+from ..settings import Settings, get_settings
 from . import procs
 from .milvus_lite import MilvusLiteServer
 
@@ -31,10 +43,57 @@ READY_TIMEOUT_S = 600
 API_STOP_S = 3.0
 WORKER_STOP_S = 10.0  # then a cold shutdown: what a worker still holds goes back to its queue
 WORKER_COLD_STOP_S = 3.0
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+STABLE_S = 60.0  # a child up this long has its backoff reset
+FAILING_RESTARTS = 3  # restarts in a row (without a stable run) that make a child "failing"
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return procs.spawn([sys.executable, "-m", "common.launch.cli", *args], env=env)
+@dataclass
+class Child:
+    """One supervised process: how to start it, and its restarts."""
+
+    name: str
+    start: Callable[[], subprocess.Popen]
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0  # in a row, without a stable run
+    backoff_s: float = FIRST_BACKOFF_S
+    due_at: float | None = None  # when to start it again, after it exited
+    last_exit: int | None = None
+
+    def launch(self) -> None:
+        self.started_at, self.due_at = time.monotonic(), None
+        try:
+            self.proc = self.start()
+        except Exception as exc:  # e.g. Milvus Lite not listening in time: like an exit, try again later
+            print(f"embedq: {self.name} did not start: {exc}", file=sys.stderr, flush=True)
+            self.proc = None
+            self.exited_with(-1)
+
+    def exited_with(self, code: int) -> None:
+        """Schedule the next start, after the backoff, which then doubles."""
+        self.last_exit, self.restarts = code, self.restarts + 1
+        self.due_at = time.monotonic() + self.backoff_s
+        where = "; it keeps failing" if self.failing else ""
+        print(
+            f"embedq: {self.name} exited with {code}; starting it again in {self.backoff_s:g}s{where}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.backoff_s = min(self.backoff_s * 2, MAX_BACKOFF_S)
+
+    @property
+    def failing(self) -> bool:
+        return self.restarts >= FAILING_RESTARTS
+
+    def status(self) -> dict:
+        state = "running" if self.due_at is None else "restarting"
+        return {"state": state, "restarts": self.restarts, "last_exit": self.last_exit, "failing": self.failing}
+
+
+def _embedq(args: list[str], env: dict[str, str]) -> Callable[[], subprocess.Popen]:
+    return lambda: procs.spawn([sys.executable, "-m", "common.launch.cli", *args], env=env)
 
 
 def _ready(url: str) -> dict | None:
@@ -55,14 +114,54 @@ def _stop_workers(workers: list[subprocess.Popen]) -> None:
         procs.stop(workers, grace=0)
 
 
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.children: list[Child] = []
+        self._redis: redis.Redis | None = None
+
+    def add(self, name: str, start: Callable[[], subprocess.Popen]) -> Child:
+        child = Child(name, start)
+        child.launch()
+        self.children.append(child)
+        return child
+
+    def tend(self) -> None:
+        """Start again the children that exited, each after its backoff."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.due_at is not None:
+                if now >= child.due_at:
+                    print(f"embedq: starting {child.name} again", flush=True)
+                    child.launch()
+                continue
+            code = child.proc.poll() if child.proc is not None else None
+            if code is not None:
+                child.exited_with(code)
+            elif now - child.started_at > STABLE_S:
+                child.restarts, child.backoff_s = 0, FIRST_BACKOFF_S
+
+    def report(self) -> None:
+        """The children's states, for `/health/ready`; best effort (Redis may be one of them)."""
+        try:
+            if self._redis is None:
+                self._redis = redis_client(self.settings)
+            states = {child.name: json.dumps(child.status()) for child in self.children}
+            with self._redis.pipeline() as pipe:
+                pipe.delete(keys.STACK_CHILDREN)
+                pipe.hset(keys.STACK_CHILDREN, mapping=states)
+                pipe.expire(keys.STACK_CHILDREN, 10)
+                pipe.execute()
+        except redis.RedisError:
+            pass
+
+    def procs(self, *names: str) -> list[subprocess.Popen]:
+        return [c.proc for c in self.children if c.proc is not None and c.name.split(":")[0] in names]
+
+
 def run_stack(flower: bool = False) -> int:
     settings = get_settings()
     env = dict(os.environ)
-    api: list[subprocess.Popen] = []
-    workers: list[subprocess.Popen] = []
-    tools: list[subprocess.Popen] = []
-    redis_proc: subprocess.Popen | None = None
-    milvus: MilvusLiteServer | None = None
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -71,33 +170,33 @@ def run_stack(flower: bool = False) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    supervisor = Supervisor(settings)
+    milvus: MilvusLiteServer | None = None
     try:
-        env["EMBEDQ_REDIS_URL"], redis_proc = procs.redis_or_embedded(
-            os.environ.get("EMBEDQ_REDIS_URL"), settings.var_dir / "redis"
-        )
-        if redis_proc:
-            print(
-                f"embedq: embedded Redis on {env['EMBEDQ_REDIS_URL']} (data in {settings.var_dir / 'redis'})",
-                flush=True,
-            )
+        if not os.environ.get("EMBEDQ_REDIS_URL"):
+            port, data = procs.free_port(), settings.var_dir / "redis"
+            env["EMBEDQ_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+            supervisor.add("redis", lambda: procs.start_redis(data, port))
+            print(f"embedq: embedded Redis on {env['EMBEDQ_REDIS_URL']} (append-only file in {data})", flush=True)
+        supervisor.settings = settings = settings.model_copy(update={"redis_url": env["EMBEDQ_REDIS_URL"]})
         if "EMBEDQ_MILVUS_URI" not in os.environ:
-            milvus = MilvusLiteServer(settings.var_dir / "milvus", procs.free_port()).start()
+            milvus = MilvusLiteServer(settings.var_dir / "milvus", procs.free_port())
             env["EMBEDQ_MILVUS_URI"] = milvus.uri
+            supervisor.add("milvus", lambda: milvus.start().proc)
             print(f"embedq: embedded Milvus Lite on {milvus.uri} (data in {milvus.data_dir})", flush=True)
-        api.append(_spawn(["api"], env))
+        supervisor.add("api", _embedq(["api"], env))
         for spec in load_registry(settings.models_file):
-            workers.append(_spawn(["worker", "--model", spec.name], env))
-        workers.append(_spawn(["ingest-worker"], env))
-        workers.append(_spawn(["search-worker"], env))
+            supervisor.add(f"worker:{spec.name}", _embedq(["worker", "--model", spec.name], env))
+        supervisor.add("ingest-worker", _embedq(["ingest-worker"], env))
+        supervisor.add("search-worker", _embedq(["search-worker"], env))
         if flower:
-            tools.append(_spawn(["flower"], env))
+            supervisor.add("flower", _embedq(["flower"], env))
         base = f"http://{settings.host}:{settings.port}"
         deadline = time.monotonic() + READY_TIMEOUT_S
         announced = False
         while not stopping:
-            if any(child.poll() is not None for child in api + workers + tools):
-                print("embedq: a child process exited; stopping the stack", file=sys.stderr, flush=True)
-                return 1
+            supervisor.tend()
+            supervisor.report()
             if not announced:
                 status = _ready(f"{base}/health/ready")
                 if status and status.get("status") == "ready" and status["ingest_workers"] and status["search_workers"]:
@@ -112,11 +211,10 @@ def run_stack(flower: bool = False) -> int:
         return 0
     finally:
         print("embedq: stopping", flush=True)
-        procs.stop(api, grace=API_STOP_S)
-        _stop_workers(workers)
-        procs.stop(tools)
+        procs.stop(supervisor.procs("api"), grace=API_STOP_S)
+        _stop_workers(supervisor.procs("worker", "ingest-worker", "search-worker"))
+        procs.stop(supervisor.procs("flower"))
         if milvus is not None:
             milvus.stop()
-        if redis_proc is not None:
-            procs.stop([redis_proc])
+        procs.stop(supervisor.procs("redis"))
         print("embedq: stopped", flush=True)
