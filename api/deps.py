@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from common.errors import ServiceUnavailable, Unauthorized
+from common.jobs.events import EventFeed
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
 from common.registry import Registry
@@ -52,6 +53,10 @@ def get_ledger(request: Request) -> JobLedger:
     return request.app.state.ledger
 
 
+def get_events(request: Request) -> EventFeed:
+    return request.app.state.events
+
+
 class LazyStore:
     """The Milvus store, connected on first use: the embedding routes never wait on Milvus, and
     the API starts while Milvus is still coming up."""
@@ -91,6 +96,7 @@ RegistryDep = Annotated[Registry, Depends(get_models)]
 JobsDep = Annotated[JobStore, Depends(get_jobs)]
 GoneDep = Annotated[Gone, Depends(get_gone)]
 LedgerDep = Annotated[JobLedger, Depends(get_ledger)]
+EventsDep = Annotated[EventFeed, Depends(get_events)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from common.connections import async_redis_client, redis_client
 from common.delivery.app import create_celery_app
+from common.jobs.events import EventFeed
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
 from common.jobs.watch import JobWatch
@@ -47,6 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.jobs = JobStore(sync_client, settings.job_ttl_s)
         app.state.ledger = JobLedger(sync_client, celery, settings.job_ttl_s)
         app.state.store = LazyStore(settings.milvus_uri, PageChanges(sync_client))
+        # One blocking read, on a connection of its own, for every SSE client of this process.
+        reader = async_redis_client(settings, max_connections=1)
+        app.state.events = events = EventFeed(client, reader, block_ms=1000)
+        events.start()
         # The API watches the open jobs too: a job uploaded while no ingestion worker runs still ends.
         watch = JobWatch(
             sync_client, app.state.jobs, app.state.ledger, settings.worker_heartbeat_ttl_s, settings.job_stall_timeout_s
@@ -56,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             watch.stop()
+            await events.close()
+            await reader.aclose()
             await dispatcher.close()
             await waiter.close()
             await client.aclose()

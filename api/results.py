@@ -5,7 +5,8 @@ on a channel of that name. One pub/sub connection per API process subscribes to 
 those channels once, and resolves the futures of the tasks it waits for: no subscribe and
 unsubscribe per request. (Each API replica hears every result; it only decodes its own.) If a
 message is missed (the connection dropped and came back, say), a periodic GET of the stored result
-catches it, so no wait depends on pub/sub alone, and every wait ends at its deadline.
+catches it, so no wait depends on pub/sub alone, and every wait ends at its deadline. A result is
+deleted once read (in batches, every second).
 
 Every `lost_task_check_s` a sweep (common.delivery.lost.sweep) looks for the tasks waited on since
 before a worker was last found dead (and not seen in flight since); one the broker lost with it
@@ -33,6 +34,7 @@ from common.errors import ServiceUnavailable
 log = logging.getLogger(__name__)
 
 _POLL_INTERVAL_S = 1.0  # also how soon a caller's going away is noticed
+_FORGET_S = 1.0  # read results are deleted in batches this often, not one round trip per request
 
 Gone = Callable[[], Awaitable[bool]]  # whether the caller has gone (Starlette's request.is_disconnected)
 
@@ -61,18 +63,35 @@ class ResultWaiter:
         self._background: list[asyncio.Task] = []
         self.resent = 0  # tasks sent again because the broker lost them
         self.revoked = 0  # tasks withdrawn because their caller went away
+        self._read: list[str] = []  # tasks whose result was read, to delete (every _FORGET_S)
 
     async def start(self) -> None:
         await self._pubsub.psubscribe(keys.result_channel("*"))
         self._background = [
             asyncio.create_task(self._listen(), name="embedq-results"),
             asyncio.create_task(self._sweep(), name="embedq-lost-tasks"),
+            asyncio.create_task(self._forget_forever(), name="embedq-forget-results"),
         ]
 
     async def close(self) -> None:
         for task in self._background:
             task.cancel()
+        await self._forget()
         await self._pubsub.aclose()
+
+    async def _forget(self) -> None:
+        """Delete the results read since the last time: a result is kept only until it is read."""
+        read, self._read = self._read, []
+        if read:
+            await self._client.unlink(*(keys.result_channel(task_id) for task_id in read))
+
+    async def _forget_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_FORGET_S)
+            try:
+                await self._forget()
+            except RedisError as exc:
+                log.warning("deleting read results failed (%s); they expire anyway", exc)
 
     async def _listen(self) -> None:
         while True:
@@ -103,7 +122,9 @@ class ResultWaiter:
         try:
             # Sending blocks (kombu is synchronous, and retries a Redis that is away): not on the loop.
             await asyncio.to_thread(send)
-            return self._outcome(await self._await(task_id, future, timeout, gone))
+            payload = await self._await(task_id, future, timeout, gone)
+            self._read.append(task_id)
+            return self._outcome(payload)
         finally:
             del self._waiting[task_id]
 

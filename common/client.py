@@ -91,7 +91,9 @@ class EmbedqClient:
     def _answer(self, result: AsyncResult, timeout: float | None) -> Any:
         timeout = self.settings.request_timeout_s if timeout is None else timeout
         try:
-            return result.get(timeout=timeout)
+            answer = result.get(timeout=timeout)
+            result.forget()  # read: Redis need not keep it
+            return answer
         except CeleryTimeout:
             raise ServiceUnavailable(
                 f"No worker answered task {result.id} within {timeout:g}s; is a worker serving its queue?"

@@ -25,4 +25,12 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def async_redis_client(settings: Settings, max_connections: int) -> aioredis.Redis:
-    return aioredis.Redis.from_url(settings.redis_url, max_connections=max_connections, **_options(settings))
+    """A client whose calls wait (up to the socket timeout) for one of `max_connections` to be
+    free, rather than failing when many requests need Redis at once."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=max_connections,
+        timeout=settings.redis_socket_timeout_s,
+        **_options(settings),
+    )
+    return aioredis.Redis.from_pool(pool)

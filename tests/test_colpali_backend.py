@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from common.errors import InputTooLong, InvalidRequest
 from common.registry import ModelSpec
 from common.settings import Settings

@@ -16,7 +16,6 @@ import torch
 from colpali_engine.models import ColQwen2Processor
 from PIL import Image, ImageDraw
 
-import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from common import keys
 from common.client import EmbedqClient
 from common.contract import embed_queue

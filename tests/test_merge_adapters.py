@@ -15,7 +15,6 @@ from colpali_engine.models import ColQwen2, ColQwen2Processor
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
-import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from common.registry import ModelSpec
 from common.settings import Settings
 from tests.tiny_models import tiny_models_dir

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from common.launch import procs
 from tests.tiny_models import tiny_models_dir
 

@@ -11,7 +11,6 @@ import redis
 import torch
 from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 
-import workers.backends  # noqa: F401  (makes torchvision importable before colpali_engine)
 from common.errors import InvalidRequest, NotFound
 from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord

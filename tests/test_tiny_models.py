@@ -9,7 +9,6 @@ from safetensors.numpy import load_file
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer
 
-import workers.backends  # noqa: F401  (makes torchvision importable before transformers)
 from tests.tiny_models import builder, tiny_models_dir
 
 TEXTS = ["hello", "a somewhat longer sentence to embed"]

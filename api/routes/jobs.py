@@ -1,8 +1,8 @@
 """Ingestion jobs: poll (`GET`), cancel (`DELETE`), and follow over SSE (`/events`).
 
-Events live in a Redis Stream per job (common.jobs.events), so a client that reconnects with
-`Last-Event-ID` gets every event it missed; the stream ends after the final `completed`, `failed`
-or `cancelled` event.
+Events live in a Redis Stream per job, read for every client of this process by one reader that
+fans them out (common.jobs.events), so a client that reconnects with `Last-Event-ID` gets every
+event it missed; the stream ends after the final `completed`, `failed` or `cancelled` event.
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import asyncio
 from fastapi import APIRouter, Header, Response
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from common.jobs.events import follow
-
-from ..deps import Authorized, JobsDep, RedisDep
+from ..deps import Authorized, EventsDep, JobsDep
 from ..responses import json_response
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=Authorized)
 
-_READ_BLOCK_MS = 1000  # under the Redis client's socket timeout
 _HEARTBEAT_S = 15
 
 
@@ -35,12 +32,12 @@ async def cancel_job(job_id: str, jobs: JobsDep) -> Response:
 
 @router.get("/{job_id}/events", summary="Server-sent progress events, resumable with Last-Event-ID")
 async def job_events(
-    job_id: str, jobs: JobsDep, client: RedisDep, last_event_id: str | None = Header(default=None)
+    job_id: str, jobs: JobsDep, feed: EventsDep, last_event_id: str | None = Header(default=None)
 ) -> EventSourceResponse:
     await asyncio.to_thread(jobs.get, job_id)  # 404 for an unknown job
 
     async def events():
-        async for event_id, event, data in follow(client, job_id, last_event_id, _READ_BLOCK_MS):
+        async for event_id, event, data in feed.follow(job_id, last_event_id):
             yield ServerSentEvent(data=data, event=event, id=event_id)
 
     return EventSourceResponse(events(), ping=_HEARTBEAT_S)

@@ -43,6 +43,9 @@ def create_celery_app(settings: Settings) -> Celery:
             "queue_order_strategy": "priority",
         },
         result_expires=settings.result_expires_s,
+        # Job tasks keep no result (their work is counted on the job), but a failure is kept, so
+        # the job watch can count the work of a task that raised before it reported.
+        task_store_errors_even_if_ignored=True,
         redis_socket_connect_timeout=settings.redis_connect_timeout_s,
         redis_socket_timeout=settings.redis_socket_timeout_s,
         redis_retry_on_timeout=True,

@@ -40,7 +40,7 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-@shared_task(name=INGEST_TASK, bind=True)
+@shared_task(name=INGEST_TASK, bind=True, ignore_result=True)
 def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, content_type: str | None = None) -> None:
     """Render or chunk one uploaded file and queue its batches. Redelivered because the worker
     process running it died, it runs counted (common.delivery.crashes), and the file fails once

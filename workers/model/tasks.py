@@ -142,7 +142,7 @@ def _index(task, job_id: str, index: int, collection: str, units: list[str], wha
         proc.store.flush(collection)
 
 
-@shared_task(name=INDEX_PAGES_TASK, bind=True)
+@shared_task(name=INDEX_PAGES_TASK, bind=True, ignore_result=True)
 def index_pages(
     self,
     *,
@@ -185,7 +185,7 @@ def index_pages(
     )
 
 
-@shared_task(name=INDEX_CHUNKS_TASK, bind=True)
+@shared_task(name=INDEX_CHUNKS_TASK, bind=True, ignore_result=True)
 def index_chunks(
     self,
     *,
