@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.inputs.text import check_unicode
+
+
+class Body(BaseModel):
+    """A request body: no unknown fields, and only text that is valid Unicode (a JSON string can
+    hold lone surrogates, which nothing downstream can encode)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _unicode(self) -> Body:
+        for name in type(self).model_fields:
+            check_unicode(getattr(self, name), name)
+        return self
+
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EmbeddingRequest(Body):
     input: EmbeddingInput = Field(
         description="A string, a list of strings, a list of token ids, or a list of such lists."
     )
@@ -39,9 +53,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class _LateInteractionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _LateInteractionOptions(Body):
     model: str
     output: Literal["pooled", "multivector"] = Field(
         default="multivector", description="`pooled`: mean of the token vectors; `multivector`: the token vectors."
@@ -61,9 +73,7 @@ class ImageEmbeddingRequest(_LateInteractionOptions):
     images: list[str] = Field(description="Raw base64 or `data:image/...;base64,...` URLs.")
 
 
-class CollectionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CollectionCreate(Body):
     name: str = Field(
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="Letters, digits and _, not starting with a digit."
     )
@@ -72,9 +82,7 @@ class CollectionCreate(BaseModel):
     )
 
 
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SearchRequest(Body):
     query: str = Field(min_length=1)
     top_k: int = Field(default=10, ge=1, le=1000)
     filter: str | None = Field(default=None, description='A Milvus boolean expression, e.g. `doc_id == "abc"`.')

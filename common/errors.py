@@ -49,6 +49,14 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class TooLarge(EmbedqError):
+    """A request whose answer would be over a size limit (the limit is in the message)."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "too_large"
+
+
 class UnsupportedMediaType(EmbedqError):
     status = 415
     type = "invalid_request_error"

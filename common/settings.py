@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_inputs: int = 2048
     max_body_bytes: int = 64 * 1024 * 1024
+    # The vectors of one answer, as bytes (JSON floats take about 2.5 times that): 2,048 inputs of
+    # 512 token vectors would otherwise be 512 MiB held in Redis.
+    max_response_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_query_chars: int = Field(default=8192, gt=0)  # a search query (tokenized and cut to the model's limit)
+    max_filter_chars: int = Field(default=4096, gt=0)  # a Milvus filter expression
+    max_files_per_upload: int = Field(default=256, gt=0)
+    max_metadata_bytes: int = Field(default=64 * 1024, gt=0)  # one file's metadata, as JSON
+    max_pages_per_file: int = Field(default=2000, gt=0)  # a PDF or office document
     request_timeout_s: float = 60.0
     queue_limit: int = 10_000
 

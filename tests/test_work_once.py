@@ -65,6 +65,7 @@ def env(redis_server, milvus_uri, tmp_path_factory):
         EMBEDQ_INGEST_PAGES_PER_TASK="2",
         EMBEDQ_MAX_DELIVERIES="2",
         EMBEDQ_JOB_STALL_TIMEOUT_S=str(STALL_S),
+        EMBEDQ_MAX_PAGES_PER_FILE="20",
     )
 
 
@@ -290,3 +291,26 @@ def test_a_stopping_worker_leaves_at_once_and_finishes_what_it_holds(api, env, l
         procs.stop([busy])
     log = (logs / "once-stop.log").read_text()
     assert "Traceback" not in log
+
+
+def test_limits_checked_by_workers_refuse_before_the_work(api, env, logs):
+    """A multi-vector answer over EMBEDQ_MAX_RESPONSE_BYTES is a 413 before the forward pass; a PDF
+    over EMBEDQ_MAX_PAGES_PER_FILE fails its file before a page is rendered."""
+    busy = worker({**env, "EMBEDQ_MAX_RESPONSE_BYTES": "4096"}, BUSY, logs / "once-limits.log", 0.01)
+    before = items(api).get(("embedded", BUSY, "text"), 0)
+    try:
+        body = {"model": BUSY, "input": [f"text {i}" for i in range(17)], "output": "multivector"}
+        response = httpx.post(f"{api}/v1/embeddings/text", json=body, timeout=30)  # 17 x 4 x 16 x 4 bytes
+        assert response.status_code == 413, response.text
+        assert "EMBEDQ_MAX_RESPONSE_BYTES" in response.json()["error"]["message"]
+        body["input"] = body["input"][:16]  # 4,096 bytes: within the limit
+        assert httpx.post(f"{api}/v1/embeddings/text", json=body, timeout=30).status_code == 200
+        time.sleep(2)
+        assert items(api).get(("embedded", BUSY, "text"), 0) - before == 16  # the refused 17 never ran
+        create_collection(api, "limited", BUSY)
+        job = upload(api, "limited", [("big.pdf", make_pdf(21, seed=24), "application/pdf")])
+        final = wait_job(api, job["id"], timeout=60)
+    finally:
+        procs.stop([busy])
+    assert final["status"] == "failed" and final["total"] == 0
+    assert "limit is 20 (EMBEDQ_MAX_PAGES_PER_FILE)" in final["files"][0]["error"]

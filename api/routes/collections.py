@@ -16,9 +16,21 @@ from starlette.datastructures import UploadFile
 from common.contract import INGEST_TASK
 from common.errors import InvalidRequest, NotFound, UnsupportedMediaType
 from common.inputs.kinds import detect_kind
+from common.inputs.text import check_unicode
 from common.jobs.state import UploadedFile
+from common.store.limits import FILENAME_MAX, ID_MAX
 
-from ..deps import Authorized, DispatcherDep, GoneDep, JobsDep, LazyStore, LedgerDep, RegistryDep, StoreDep
+from ..deps import (
+    Authorized,
+    DispatcherDep,
+    GoneDep,
+    JobsDep,
+    LazyStore,
+    LedgerDep,
+    RegistryDep,
+    SettingsDep,
+    StoreDep,
+)
 from ..responses import json_response
 from ..schemas import CollectionCreate, SearchRequest
 
@@ -84,6 +96,7 @@ def _per_file_metadata(raw: str | None, filenames: list[str]) -> list[dict[str, 
         parsed = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"'metadata' is not valid JSON: {exc}", "metadata") from None
+    check_unicode(parsed, "metadata")
     if isinstance(parsed, list) and len(parsed) == len(filenames) and all(isinstance(m, dict) for m in parsed):
         return parsed
     if isinstance(parsed, dict) and all(isinstance(m, dict) for m in parsed.values()):
@@ -94,6 +107,19 @@ def _per_file_metadata(raw: str | None, filenames: list[str]) -> list[dict[str, 
     raise InvalidRequest(
         "'metadata' must be a list of objects, one per file, or an object keyed by filename.", "metadata"
     )
+
+
+def _check_file_fields(filename: str, doc_id: str, metadata: dict[str, Any], max_metadata_bytes: int) -> None:
+    """Each field within what Milvus stores, before any work is queued."""
+    for value, limit, param in ((filename, FILENAME_MAX, "files"), (doc_id, ID_MAX, "metadata")):
+        if len(value.encode()) > limit:
+            raise InvalidRequest(f"'{value[:40]}...' is over the limit of {limit} bytes.", param)
+    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    if size > max_metadata_bytes:
+        raise InvalidRequest(
+            f"The metadata of '{filename}' is {size} bytes; the limit is {max_metadata_bytes} (EMBEDQ_MAX_METADATA_BYTES).",
+            "metadata",
+        )
 
 
 def _check_kind(upload: UploadFile, data: bytes, collection: dict[str, Any]) -> None:
@@ -112,13 +138,18 @@ def _check_kind(upload: UploadFile, data: bytes, collection: dict[str, Any]) -> 
 
 
 @router.post("/{name}/documents", status_code=202, summary="Upload files; returns a job to poll or stream")
-async def upload_documents(name: str, request: Request, store: StoreDep, jobs: JobsDep, ledger: LedgerDep) -> Response:
+async def upload_documents(
+    name: str, request: Request, store: StoreDep, jobs: JobsDep, ledger: LedgerDep, settings: SettingsDep
+) -> Response:
     collection = await _describe(store, name)
     form = await request.form()
     uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not uploads:
         raise InvalidRequest("Send one or more files in the multipart field 'files'.", "files")
+    if len(uploads) > settings.max_files_per_upload:
+        raise InvalidRequest(f"At most {settings.max_files_per_upload} files per upload, not {len(uploads)}.", "files")
     metadata_field = form.get("metadata")
+    check_unicode([u.filename or "" for u in uploads], "files")
     metadata = _per_file_metadata(
         metadata_field if isinstance(metadata_field, str) else None, [u.filename or "" for u in uploads]
     )
@@ -127,7 +158,9 @@ async def upload_documents(name: str, request: Request, store: StoreDep, jobs: J
         data = await upload.read()
         _check_kind(upload, data, collection)
         doc_id = str(meta.pop("doc_id", "")) or hashlib.sha256(data).hexdigest()[:16]
-        files.append(UploadedFile(upload.filename or f"file{len(files)}", upload.content_type, data, meta, doc_id))
+        filename = upload.filename or f"file{len(files)}"
+        _check_file_fields(filename, doc_id, meta, settings.max_metadata_bytes)
+        files.append(UploadedFile(filename, upload.content_type, data, meta, doc_id))
     job_id = await asyncio.to_thread(jobs.create, name, collection["model"], files)
     for index, file in enumerate(files):
         await asyncio.to_thread(
@@ -146,7 +179,15 @@ async def upload_documents(name: str, request: Request, store: StoreDep, jobs: J
 
 
 @router.post("/{name}/search", summary="Search a collection (MaxSim rerank for page collections)")
-async def search(name: str, body: SearchRequest, dispatcher: DispatcherDep, store: StoreDep, gone: GoneDep) -> Response:
+async def search(
+    name: str, body: SearchRequest, dispatcher: DispatcherDep, store: StoreDep, gone: GoneDep, settings: SettingsDep
+) -> Response:
+    for value, limit, param in (
+        (body.query, settings.max_query_chars, "query"),
+        (body.filter, settings.max_filter_chars, "filter"),
+    ):
+        if value and len(value) > limit:
+            raise InvalidRequest(f"'{param}' has {len(value)} characters; the limit is {limit}.", param)
     collection = await _describe(store, name)
     model = collection["model"]
     query = [{"text": body.query}]

@@ -11,6 +11,23 @@ from ..errors import InputTooLong, InvalidRequest
 PARAM = "input"
 
 
+def check_unicode(value: Any, param: str) -> None:
+    """Refuse text that cannot be UTF-8 (lone surrogates, which a JSON string can spell as
+    `\\ud800`), anywhere in `value` (strings, and the lists and dicts holding them)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"'{param}' holds text that is not valid Unicode (a lone surrogate).", param) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, param)
+            check_unicode(item, param)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_unicode(item, param)
+
+
 def check_count(items: Sequence, max_items: int, param: str) -> None:
     if not items:
         raise InvalidRequest(f"'{param}' must not be empty.", param)

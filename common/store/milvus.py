@@ -38,6 +38,7 @@ from pymilvus.milvus_client import IndexParams
 
 from ..errors import InvalidRequest, NotFound
 from .changes import PageChanges
+from .limits import FILENAME_MAX, ID_MAX, VARCHAR_MAX
 
 Kind = Literal["multivector", "text"]
 
@@ -45,11 +46,8 @@ Kind = Literal["multivector", "text"]
 # the client's clock instead: the same "everything written so far" that Strong consistency reads.
 logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 
-VARCHAR_MAX = 65_535  # Milvus' limit for one VARCHAR value, in bytes
 PART_BYTES = VARCHAR_MAX // 4 * 3  # raw bytes whose base64 fits one VARCHAR
 MAX_PARTS = 64  # 3.1 MB of float16 per page: 12,288 tokens of dim 128
-ID_MAX = 512
-FILENAME_MAX = 1024
 PARTITIONS = 16  # partitions keyed by doc_id, see create_collection
 WRITE_BATCH = 32  # rows per upsert call: 32 pages are about 10 MB on the wire
 TIMEOUT_S = 60.0

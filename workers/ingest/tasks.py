@@ -15,7 +15,7 @@ from typing import Any
 from celery import shared_task
 
 from common.contract import INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, INGEST_TASK
-from common.errors import EmbedqError
+from common.errors import EmbedqError, InvalidRequest
 from common.inputs.documents import (
     chunk_text,
     convert_office_to_pdf,
@@ -136,6 +136,11 @@ def _ingest(job_id: str, index: int, collection: str, model: str, content_type: 
 def _queue_pdf(file: _File, data: bytes) -> None:
     settings = process.current().settings
     total = count_pdf_pages(data)
+    if total > settings.max_pages_per_file:
+        raise InvalidRequest(
+            f"the document has {total} pages; the limit is {settings.max_pages_per_file} (EMBEDQ_MAX_PAGES_PER_FILE)",
+            "files",
+        )
     file.total([page_unit(file.index, page) for page in range(1, total + 1)])
     rendered = render_pdf_pages(data, settings.pdf_dpi(total), settings.max_image_pixels)
     for batch in _batches(rendered, settings.ingest_pages_per_task):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from celery import shared_task
 
 from common.contract import EMBED_TASK, INDEX_CHUNKS_TASK, INDEX_PAGES_TASK
-from common.errors import BackendError, EmbedqError, InvalidRequest, ServiceUnavailable
+from common.errors import BackendError, EmbedqError, InvalidRequest, ServiceUnavailable, TooLarge
 from common.jobs.units import chunk_unit, page_unit
 from common.store.milvus import ChunkRecord, PageRecord
 from common.vectors import pack
@@ -56,14 +57,20 @@ def exhausted(task) -> str | None:
 
 
 def run_model(
-    model: str, modality: str, items: list[EmbedInput], source: Origin
+    model: str,
+    modality: str,
+    items: list[EmbedInput],
+    source: Origin,
+    check: Callable[[list[Prepared]], None] = lambda prepared: None,
 ) -> tuple[list[np.ndarray], list[Prepared]]:
-    """The raw model outputs for `items`, batched with whatever else this worker has pending. The
-    wait ends at the source's deadline, or when the batcher stops running."""
+    """The raw model outputs for `items`, batched with whatever else this worker has pending;
+    `check` may refuse the prepared inputs before they reach the device. The wait ends at the
+    source's deadline, or when the batcher stops running."""
     rt = process.current().runtime
     if model != rt.spec.name or modality not in rt.modalities:
         raise InvalidRequest(f"This worker serves {rt.spec.name} {rt.modalities}, not {model} {modality}.", "model")
     prepared = [rt.backend.prepare(item) for item in items]
+    check(prepared)
     futures = rt.batcher.submit(modality, prepared, source)
     try:
         return [_result(future, rt, source.deadline) for future in futures], prepared
@@ -111,7 +118,19 @@ def embed(
     if reason := exhausted(self):
         raise BackendError(f"These inputs were not embedded: {reason}.")
     items = [EmbedInput(modality=modality, input_type=input_type, truncate=truncate, **entry) for entry in inputs]
-    arrays, prepared = run_model(model, modality, items, origin(self))
+    width = np.dtype(dtype).itemsize * (dimensions or process.current().runtime.backend.dim)
+
+    def check_size(prepared: list[Prepared]) -> None:
+        rows = sum(p.n_tokens for p in prepared) if output == "multivector" else len(prepared)
+        limit = process.current().settings.max_response_bytes
+        if rows * width > limit:
+            raise TooLarge(
+                f"The answer would hold {rows * width:,} bytes of vectors; the limit is {limit:,} "
+                "(EMBEDQ_MAX_RESPONSE_BYTES): send fewer or shorter inputs per request.",
+                "input",
+            )
+
+    arrays, prepared = run_model(model, modality, items, origin(self), check=check_size)
     normalize = spec.normalize if normalize is None else normalize
     vectors = [finalize(a, pooled=output == "pooled", normalize=normalize, dimensions=dimensions) for a in arrays]
     return {**pack(vectors, dtype), "tokens": [p.n_tokens for p in prepared]}
