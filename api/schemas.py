@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,7 +22,8 @@ class Body(BaseModel):
         return self
 
 
-EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the model's vocabulary by its worker
+EmbeddingInput = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class EmbeddingRequest(Body):
@@ -31,7 +32,7 @@ class EmbeddingRequest(Body):
     )
     model: str
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, gt=0, description="Matryoshka: truncate then re-normalize.")
+    dimensions: int | None = Field(default=None, gt=0, le=65536, description="Matryoshka: truncate then re-normalize.")
     user: str | None = None
     # embedq extensions
     input_type: Literal["query", "document"] = Field(

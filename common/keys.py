@@ -99,6 +99,11 @@ def job_tasks_sent(job_id: str) -> str:
     return f"embedq:job:{job_id}:tasks-sent"
 
 
+def page_changes_applied(collection: str) -> str:
+    """Hash: search worker -> the last entry of the collection's change feed it applied."""
+    return f"embedq:collection:{collection}:applied"
+
+
 def page_changes(collection: str) -> str:
     """Stream: a collection's page writes, document deletes and drops, in order (common.store.changes)."""
     return f"embedq:collection:{collection}:changes"

@@ -11,6 +11,7 @@ import redis
 import torch
 from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 
+from common import keys
 from common.errors import InvalidRequest, NotFound
 from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord
@@ -182,3 +183,20 @@ def test_bad_queries_are_refused(searcher, writer, pages, rng):
     with pytest.raises(InvalidRequest, match="text"):
         searcher.search("chunks", rng.standard_normal((4, DIM)))
     writer.drop_collection("chunks")
+
+
+def test_the_feed_is_trimmed_to_what_every_live_search_worker_applied(changes, searcher, writer, pages, rng):
+    client = changes._client
+    stream = keys.page_changes("pages")
+    searcher.search("pages", query_from(pages[0], rng), top_k=1)  # loaded, feed applied
+    for doc in range(3):
+        writer.delete_document("pages", f"doc-{doc}")
+    ids = [entry_id.decode() for entry_id, _ in client.xrange(stream)]
+    first, last = ids[-3], ids[-1]
+    changes.applied("pages", "search@a:1", last, live=["search@a:1", "search@b:2"])
+    assert client.xlen(stream) == len(ids)  # b has not said what it applied: nothing goes
+    changes.applied("pages", "search@b:2", first, live=["search@a:1", "search@b:2"])
+    assert [i.decode() for i, _ in client.xrange(stream)] == ids[-3:]  # up to b's
+    changes.applied("pages", "search@a:1", last, live=["search@a:1"])  # b has gone
+    assert [i.decode() for i, _ in client.xrange(stream)] == [last]
+    assert client.hkeys(keys.page_changes_applied("pages")) == [b"search@a:1"]

@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 
 from celery import signals
+from redis import RedisError
 
 from common import keys
 from common.contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue, task_items
 from common.delivery.gate import FetchGate
-from common.delivery.heartbeat import Heartbeat
+from common.delivery.heartbeat import Heartbeat, live_workers
 from common.jobs.watch import JobWatch
 from common.registry import load_registry
 from common.settings import get_settings
@@ -149,9 +150,19 @@ def search_worker() -> None:
 
 
 def _follow_collections(proc: process.Process) -> None:
+    """Catch up with the collections every second, and say what was applied, so that the change
+    feeds are trimmed once every live search worker has applied them."""
+    from pymilvus import MilvusException
+
+    ttl = proc.settings.worker_heartbeat_ttl_s
     while True:
         time.sleep(CATCH_UP_S)
         try:
             proc.searcher.catch_up()
-        except Exception:  # Milvus or Redis away for a moment: searches say so; try again
-            log.warning("catching up with the collections failed; retrying", exc_info=True)
+            live = [name.decode() for name in live_workers(proc.redis, keys.SEARCH_WORKERS_ALIVE, ttl)]
+            for collection, entry_id in proc.searcher.applied().items():
+                proc.searcher.changes.applied(collection, proc.name, entry_id, live)
+        except (RedisError, MilvusException) as exc:  # away for a moment: searches say so; try again
+            log.warning("catching up with the collections failed (%s); retrying", exc)
+        except Exception:
+            log.exception("catching up with the collections failed; retrying")

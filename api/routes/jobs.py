@@ -8,9 +8,12 @@ event it missed; the stream ends after the final `completed`, `failed` or `cance
 from __future__ import annotations
 
 import asyncio
+import re
 
 from fastapi import APIRouter, Header, Response
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from common.errors import InvalidRequest
 
 from ..deps import Authorized, EventsDep, JobsDep
 from ..responses import json_response
@@ -18,6 +21,7 @@ from ..responses import json_response
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=Authorized)
 
 _HEARTBEAT_S = 15
+_EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?")  # a Redis Stream entry id
 
 
 @router.get("/{job_id}", summary="A job's status and per-file progress")
@@ -34,6 +38,10 @@ async def cancel_job(job_id: str, jobs: JobsDep) -> Response:
 async def job_events(
     job_id: str, jobs: JobsDep, feed: EventsDep, last_event_id: str | None = Header(default=None)
 ) -> EventSourceResponse:
+    if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
+        raise InvalidRequest(
+            "Last-Event-ID must be an event id this stream sent (like 1796170000000-0).", "Last-Event-ID"
+        )
     await asyncio.to_thread(jobs.get, job_id)  # 404 for an unknown job
 
     async def events():

@@ -11,12 +11,14 @@ from celery import Celery
 
 from ..contract import route_task
 from ..settings import Settings
+from . import transport
+
+transport.register()
 
 
 def create_celery_app(settings: Settings) -> Celery:
     app = Celery("embedq", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
-        broker_transport="common.delivery.transport:Transport",
         # msgpack carries vectors as bytes; JSON would need float lists or base64.
         task_serializer="msgpack",
         result_serializer="msgpack",

@@ -11,7 +11,7 @@ are no longer renewed, as it does for a dead worker's.
 
 from __future__ import annotations
 
-from kombu.transport import redis
+from kombu.transport import TRANSPORT_ALIASES, redis
 
 
 class Channel(redis.Channel):
@@ -23,3 +23,8 @@ class Channel(redis.Channel):
 
 class Transport(redis.Transport):
     Channel = Channel
+
+
+def register() -> None:
+    """Make this the transport of `redis://` URLs, for the workers, the API and Flower alike."""
+    TRANSPORT_ALIASES["redis"] = f"{__name__}:Transport"

@@ -8,7 +8,6 @@ nothing.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import struct
 import zlib
@@ -38,7 +37,7 @@ def decode_image_input(value: str) -> bytes:
         raise InvalidRequest("image URLs are not fetched; send base64 or a data URL", PARAM)
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or characters outside ASCII
         raise InvalidRequest(f"image is not valid base64 ({exc})", PARAM) from None
     if not data:
         raise InvalidRequest("image is empty", PARAM)

@@ -198,6 +198,10 @@ class Searcher:
         """Pages held here, per collection."""
         return {name: len(copy.pages) for name, copy in self._copies.items()}
 
+    def applied(self) -> dict[str, str]:
+        """The last change feed entry applied, per collection held here."""
+        return {name: copy.applied for name, copy in list(self._copies.items())}
+
     def catch_up(self) -> None:
         """Apply the changes waiting for every collection held here. The search worker does it
         every second, so a search seldom waits for the pages of a large job, and the memory of a
