@@ -79,9 +79,14 @@ class LazyStore:
             return self._store
 
     async def call(self, method: str, *args: Any) -> Any:
-        """`store.method(*args)` in a worker thread: pymilvus blocks."""
+        """`store.method(*args)` in a worker thread (pymilvus blocks); a Milvus that fails is a 503."""
+        from pymilvus import MilvusException
+
         store = await self.get()
-        return await asyncio.to_thread(getattr(store, method), *args)
+        try:
+            return await asyncio.to_thread(getattr(store, method), *args)
+        except MilvusException as exc:
+            raise ServiceUnavailable(f"The vector store failed: {exc.message}") from exc
 
 
 async def get_store(request: Request) -> LazyStore:

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # Ingestion jobs and the vector store
     milvus_uri: str = "http://127.0.0.1:19530"
     job_ttl_s: int = 7 * 24 * 3600
+    # A worker's write to Milvus waits out a Milvus that cannot be reached this long (a restart),
+    # trying again with backoff, before the batch fails.
+    store_outage_s: float = Field(default=60.0, ge=0)
     # A job whose work no live worker can take fails after waiting this long.
     job_stall_timeout_s: float = Field(default=600.0, gt=0)
     ingest_pages_per_task: int = 4

@@ -10,24 +10,33 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _own_group_dying_with_parent() -> None:
+def _own_group() -> None:
     """In the child, before exec: a process group of its own (a terminal's Ctrl-C reaches only the
-    parent, which stops the children in order), and SIGTERM should the parent die first."""
+    parent, which stops the children in order)."""
     os.setpgid(0, 0)
+
+
+def _own_group_dying_with_parent() -> None:
+    """As `_own_group`, and SIGTERM should the parent die first."""
+    _own_group()
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen:
-    """A child process in its own process group, that gets SIGTERM if this process dies."""
-    return subprocess.Popen(args, preexec_fn=_own_group_dying_with_parent, **kwargs)
+    """A child process in its own process group. Spawned from the main thread, it gets SIGTERM if
+    this process dies; the kernel ties that to the spawning thread, so a child spawned from
+    another thread does not get it (it would die with that thread)."""
+    main = threading.current_thread() is threading.main_thread()
+    return subprocess.Popen(args, preexec_fn=_own_group_dying_with_parent if main else _own_group, **kwargs)
 
 
 def free_port() -> int:

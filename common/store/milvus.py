@@ -28,9 +28,10 @@ from __future__ import annotations
 import binascii
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pymilvus import CollectionSchema, DataType, MilvusClient, MilvusException
@@ -52,6 +53,16 @@ PARTITIONS = 16  # partitions keyed by doc_id, see create_collection
 WRITE_BATCH = 32  # rows per upsert call: 32 pages are about 10 MB on the wire
 TIMEOUT_S = 60.0
 NOT_LOADED = 101  # Milvus' error code for a collection that is not loaded
+OUTAGE_FIRST_DELAY_S = 0.5
+OUTAGE_MAX_DELAY_S = 8.0
+
+log = logging.getLogger(__name__)
+
+
+def _unreachable(exc: MilvusException) -> bool:
+    """Whether the error says Milvus could not be reached (down, restarting), rather than refused."""
+    text = str(exc.message)
+    return "Fail connecting" in text or "UNAVAILABLE" in text or "Connection refused" in text
 
 
 def page_key(doc_id: str, page: int) -> str:
@@ -162,8 +173,11 @@ def _check_size(value: str, limit: int, name: str) -> None:
 class MilvusStore:
     """embedq's collections in the Milvus at `uri` (synchronous pymilvus client)."""
 
-    def __init__(self, uri: str, token: str = "", changes: PageChanges | None = None):
+    def __init__(self, uri: str, token: str = "", changes: PageChanges | None = None, outage_s: float = 0.0):
+        """`outage_s`: how long a write waits out a Milvus that cannot be reached (workers: a
+        restart in the middle of a job), trying again with backoff; 0: it fails at once."""
         self.changes = changes  # told of every page write, delete and drop; None: nobody searches pages
+        self._outage_s = outage_s
         # Keepalive pings no more often than gRPC servers accept by default (every 5 min while
         # idle); pymilvus' 10 s makes the Milvus Lite server drop the connection (GOAWAY).
         self.client = MilvusClient(
@@ -242,7 +256,20 @@ class MilvusStore:
                 self.changes.dropped(name)
 
     def flush(self, name: str) -> None:
-        self.client.flush(name)
+        self._riding_out(self.client.flush, name)
+
+    def _riding_out(self, call: Callable, *args: Any) -> Any:
+        """`call(*args)`, tried again while Milvus cannot be reached, for up to `outage_s`."""
+        deadline, delay = time.monotonic() + self._outage_s, OUTAGE_FIRST_DELAY_S
+        while True:
+            try:
+                return call(*args)
+            except MilvusException as exc:
+                if not _unreachable(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("Milvus is not reachable (%s); trying again in %.1fs", exc.message, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, OUTAGE_MAX_DELAY_S)
 
     def count(self, name: str) -> int:
         return int(self._loaded(name, self.client.query, filter="", output_fields=["count(*)"])[0]["count(*)"])
@@ -273,9 +300,13 @@ class MilvusStore:
         return info
 
     def _write(self, name: str, kind: Kind, rows_for: Callable[[CollectionInfo], list[dict]]) -> list[dict]:
-        """Upsert the rows `rows_for` builds for the collection's description. A write that fails
-        is tried once more on a fresh description: the one read before may be of a collection
-        dropped (and made again) since."""
+        """Upsert the rows `rows_for` builds for the collection's description, riding out an
+        outage of up to `outage_s`."""
+        return self._riding_out(self._write_once, name, kind, rows_for)
+
+    def _write_once(self, name: str, kind: Kind, rows_for: Callable[[CollectionInfo], list[dict]]) -> list[dict]:
+        """A write that fails is tried once more on a fresh description: the one read before may be
+        of a collection dropped (and made again) since."""
         for attempt in range(2):
             rows = rows_for(self._expect(name, kind))
             try:
