@@ -17,6 +17,7 @@ from common.jobs.state import JobStore
 from common.jobs.watch import JobWatch
 from common.registry import load_registry
 from common.settings import Settings, get_settings
+from common.store.blobs import BlobStore
 from common.store.changes import PageChanges
 
 from .deps import LazyStore
@@ -45,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = dispatcher = Dispatcher(settings, client, celery, waiter)
         dispatcher.start()
         app.state.waiter = waiter
-        app.state.jobs = JobStore(sync_client, settings.job_ttl_s)
+        app.state.jobs = JobStore(sync_client, settings.job_ttl_s, BlobStore(settings.blob_location))
         app.state.ledger = JobLedger(sync_client, celery, settings.job_ttl_s)
         app.state.store = LazyStore(settings.milvus_uri, PageChanges(sync_client))
         # One blocking read, on a connection of its own, for every SSE client of this process.

@@ -75,11 +75,6 @@ def job_events(job_id: str) -> str:
     return f"embedq:job:{job_id}:events"
 
 
-def upload(job_id: str, index: int) -> str:
-    """String: an uploaded file's bytes until its pages or chunks are queued."""
-    return f"embedq:upload:{job_id}:{index}"
-
-
 JOBS_OPEN = "embedq:jobs:open"  # Set: ids of jobs whose tasks are watched (common.jobs.ledger)
 JOBS_SWEEP_LOCK = "embedq:jobs:sweep"  # String: held by the process watching the open jobs (common.jobs.watch)
 

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(default=10.0, gt=1)
     models_file: Path = PROJECT_ROOT / "models.yaml"
     var_dir: Path = PROJECT_ROOT / "var"
+    blob_url: str = ""  # uploads and page images (common.store.blobs); default: var_dir/blobs
 
     # HTTP front end
     host: str = "127.0.0.1"
@@ -96,6 +97,10 @@ class Settings(BaseSettings):
                 f"EMBEDQ_CHUNK_OVERLAP ({self.chunk_overlap}) must be under EMBEDQ_CHUNK_SIZE ({self.chunk_size})"
             )
         return self
+
+    @property
+    def blob_location(self) -> str:
+        return self.blob_url or str(self.var_dir / "blobs")
 
     @property
     def heartbeat_every_s(self) -> float:

@@ -126,6 +126,9 @@ def test_api_and_workers_reach_redis_and_milvus(project):
         milvus = urlsplit(env["EMBEDQ_MILVUS_URI"])
         assert milvus.hostname in services and milvus.port == 19530, name
         assert services[milvus.hostname]["image"].startswith("milvusdb/milvus:"), name
+        # Uploads and page images pass between them through one blob store: the same volume.
+        blobs = env["EMBEDQ_BLOB_URL"]
+        assert mount_source(services[name], blobs) == mount_source(services["api"], blobs) in project["volumes"], name
 
 
 def test_workers_name_models_of_the_file_they_mount(project):

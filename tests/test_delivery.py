@@ -23,6 +23,7 @@ from common.jobs.state import JobStore, UploadedFile
 from common.jobs.watch import JobWatch
 from common.keys import result_channel
 from common.settings import Settings
+from common.store.blobs import BlobStore
 
 MODEL = "delivery-probe"
 
@@ -62,11 +63,12 @@ def own_db(redis_server):
     return url
 
 
-def test_a_job_task_the_broker_lost_is_sent_again_once(own_db):
+def test_a_job_task_the_broker_lost_is_sent_again_once(own_db, tmp_path):
     client = redis.Redis.from_url(own_db)
     celery = create_celery_app(Settings(redis_url=own_db))
     tasks = JobLedger(client, celery, ttl_s=600)
-    job_id = JobStore(client, 600).create("pages", MODEL, [UploadedFile("a.pdf", None, b"%PDF", {}, "doc")])
+    jobs = JobStore(client, 600, BlobStore(str(tmp_path)))
+    job_id = jobs.create("pages", MODEL, [UploadedFile("a.pdf", None, b"%PDF", {}, "doc")])
     queue = embed_queue(MODEL, "image")
     kwargs = {"job_id": job_id, "model": MODEL, "pages": [{"page": 1, "image": b"\x89PNG" * 1000}]}
     lost = tasks.send(job_id, INDEX_PAGES_TASK, kwargs)
@@ -90,7 +92,7 @@ def test_a_job_task_the_broker_lost_is_sent_again_once(own_db):
     assert tasks.pending_queues(job_id) == {}
     assert job_id in tasks.open_jobs()
     client.hset(keys.job(job_id), "finished_at", 1)
-    watch = JobWatch(client, JobStore(client, 600), tasks, heartbeat_ttl_s=3, stall_timeout_s=60)
+    watch = JobWatch(client, jobs, tasks, heartbeat_ttl_s=3, stall_timeout_s=60)
     watch.round()
     assert job_id not in tasks.open_jobs()  # an ended job is forgotten
 

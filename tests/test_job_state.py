@@ -19,6 +19,7 @@ from common.jobs.state import JobStore, UploadedFile
 from common.jobs.units import page_unit
 from common.jobs.watch import JobWatch
 from common.settings import Settings
+from common.store.blobs import BlobStore
 
 MODEL = "state-probe"
 
@@ -32,8 +33,8 @@ def client(redis_server):
 
 
 @pytest.fixture
-def jobs(client) -> JobStore:
-    return JobStore(client, 600)
+def jobs(client, tmp_path) -> JobStore:
+    return JobStore(client, 600, BlobStore(str(tmp_path / "blobs")))
 
 
 def new_job(jobs: JobStore, files: int = 1) -> str:
@@ -193,3 +194,15 @@ def test_the_ledger_counts_the_items_it_sends(jobs, client, redis_server):
     ledger.send(job_id, INDEX_PAGES_TASK, {"job_id": job_id, "index": 0, "model": MODEL, "pages": [{"page": 1}] * 3})
     ledger.send(job_id, INGEST_TASK, {"job_id": job_id, "index": 0, "collection": "c", "model": MODEL})
     assert client.hgetall(keys.ITEMS) == {f"sent:{MODEL}:image".encode(): b"3"}
+
+
+def test_uploads_wait_in_the_blob_store_and_go_with_their_job(jobs, client, redis_server):
+    job_id = jobs.create("pages", MODEL, [UploadedFile("a.pdf", None, b"%PDF-1.7 upload", {}, "d")])
+    assert jobs.upload(job_id, 0) == b"%PDF-1.7 upload"
+    assert b"%PDF-1.7" not in b"".join(client.dump(key) or b"" for key in client.keys("*"))  # not in Redis
+    celery = create_celery_app(Settings(redis_url=f"{redis_server}/11"))
+    ledger = JobLedger(client, celery, 600)
+    ledger.send(job_id, INGEST_TASK, {"job_id": job_id, "index": 0, "collection": "c", "model": MODEL})
+    jobs.abandon_job(job_id, "no live ingestion worker for 600s")
+    JobWatch(client, jobs, ledger, heartbeat_ttl_s=3, stall_timeout_s=60).round()
+    assert jobs.upload(job_id, 0) is None  # the ended job's upload is gone

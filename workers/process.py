@@ -21,6 +21,7 @@ from common.delivery.leases import Leases
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
 from common.settings import Settings
+from common.store.blobs import BlobStore
 
 if TYPE_CHECKING:
     from common.store.milvus import MilvusStore
@@ -40,8 +41,12 @@ class Process:
     searcher: Searcher | None = None  # a search worker's pages
 
     @cached_property
+    def blobs(self) -> BlobStore:
+        return BlobStore(self.settings.blob_location)
+
+    @cached_property
     def jobs(self) -> JobStore:
-        return JobStore(self.redis, self.settings.job_ttl_s)
+        return JobStore(self.redis, self.settings.job_ttl_s, self.blobs)
 
     @cached_property
     def ledger(self) -> JobLedger:

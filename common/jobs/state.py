@@ -19,6 +19,7 @@ import redis
 
 from .. import keys
 from ..errors import NotFound
+from ..store.blobs import BlobStore, upload_key
 
 Outcome = Literal["processed", "failed", "skipped"]
 FINAL_EVENTS = ("completed", "failed", "cancelled")
@@ -156,8 +157,10 @@ class UploadedFile:
 class JobStore:
     """Job state on a synchronous Redis client (the API calls it from a thread)."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int):
+    def __init__(self, client: redis.Redis, ttl_s: int, blobs: BlobStore):
+        """`blobs` holds the uploads until their files are ingested (Redis holds only state)."""
         self._client = client
+        self.blobs = blobs
         self._ttl = ttl_s
         self._progress = client.register_script(_PROGRESS)
         self._cancel = client.register_script(_CANCEL)
@@ -166,6 +169,8 @@ class JobStore:
     def create(self, collection: str, model: str, files: list[UploadedFile]) -> str:
         job_id = uuid.uuid4().hex
         now = time.time()
+        for index, file in enumerate(files):
+            self.blobs.put(upload_key(job_id, index), file.data)
         with self._client.pipeline() as pipe:
             pipe.hset(
                 keys.job(job_id),
@@ -198,7 +203,6 @@ class JobStore:
                         "metadata": json.dumps(file.metadata),
                     },
                 )
-                pipe.set(keys.upload(job_id, index), file.data, ex=self._ttl)
             pipe.xadd(
                 keys.job_events(job_id),
                 {
@@ -259,10 +263,10 @@ class JobStore:
             self.abandon(job_id, index, error)
 
     def upload(self, job_id: str, index: int) -> bytes | None:
-        return self._client.get(keys.upload(job_id, index))
+        return self.blobs.get(upload_key(job_id, index))
 
     def drop_upload(self, job_id: str, index: int) -> None:
-        self._client.delete(keys.upload(job_id, index))
+        self.blobs.delete(upload_key(job_id, index))
 
     def file_info(self, job_id: str, index: int) -> dict[str, Any]:
         raw = {k.decode(): v.decode() for k, v in self._client.hgetall(keys.job_file(job_id, index)).items()}

@@ -7,7 +7,7 @@ the API all run the watcher; a Redis lock lets one of them watch each round), ev
   no ingestion worker), says so on the job (`waiting`, and a `waiting` event), and fails a job that
   has waited so for `job_stall_timeout_s`, instead of leaving it open for the job TTL;
 - counts as failed the work of a task that ended without reporting it (it raised before it could);
-- forgets the jobs that have ended.
+- forgets the jobs that have ended, and deletes what is left of their uploads and page images.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class JobWatch:
             status, finished = self._client.hmget(keys.job(job_id), "status", "finished_at")
             if status is None or finished is not None:
                 self._ledger.forget(job_id)
+                self._jobs.blobs.delete_job(job_id)
                 continue
             self._ledger.resend_lost(job_id)
             self._close_unreported(job_id)

@@ -1,7 +1,7 @@
 """The CPU side of ingestion: turn one uploaded file into pages or text chunks and queue them.
 
 PDF pages go to the model's image queue in small batches as they are rendered, not after the
-whole file; text is chunked and goes to the model's text queue. A file that cannot be read fails
+whole file, each page image in the blob store and its key in the task; text is chunked and goes to the model's text queue. A file that cannot be read fails
 alone, with its message, and the other files of its upload go on. This module loads no model.
 """
 
@@ -28,6 +28,7 @@ from common.inputs.images import encode_png, load_image
 from common.inputs.kinds import detect_kind
 from common.jobs.state import JobStore
 from common.jobs.units import chunk_unit, page_unit
+from common.store.blobs import page_key
 
 from .. import process
 
@@ -144,14 +145,21 @@ def _queue_pdf(file: _File, data: bytes) -> None:
     file.total([page_unit(file.index, page) for page in range(1, total + 1)])
     rendered = render_pdf_pages(data, settings.pdf_dpi(total), settings.max_image_pixels)
     for batch in _batches(rendered, settings.ingest_pages_per_task):
-        pages = [{"page": page + 1, "image": encode_png(image)} for page, image in batch]
+        pages = [_page_blob(file, page + 1, encode_png(image)) for page, image in batch]
         file.send(INDEX_PAGES_TASK, [page_unit(file.index, p["page"]) for p in pages], pages=pages)
+
+
+def _page_blob(file: _File, page: int, image: bytes) -> dict[str, Any]:
+    """The page image in the blob store; the task carries its key (common.store.blobs)."""
+    key = page_key(file.job_id, file.index, page)
+    process.current().blobs.put(key, image)
+    return {"page": page, "blob": key}
 
 
 def _queue_image(file: _File, data: bytes) -> None:
     load_image(data, process.current().settings.max_image_pixels)  # refuse a bad image here, as its file's error
     file.total([page_unit(file.index, 1)])
-    file.send(INDEX_PAGES_TASK, file.units, pages=[{"page": 1, "image": data}])
+    file.send(INDEX_PAGES_TASK, file.units, pages=[_page_blob(file, 1, data)])
 
 
 def _queue_text(file: _File, data: bytes, kind: str) -> None:

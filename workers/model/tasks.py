@@ -174,10 +174,20 @@ def index_pages(
     metadata: dict[str, Any],
     pages: list[dict[str, Any]],
 ) -> None:
-    """Embed page images (`[{"page": int, "image": bytes}]`) and store their token vectors."""
+    """Embed page images (`[{"page": int, "image": bytes}]`, or `{"page", "blob": key}` for an image in
+    the blob store) and store their token vectors; the page blobs go once the batch is counted."""
+    blobs = process.current().blobs
+
+    def image(page: dict[str, Any]) -> bytes:
+        if "image" in page:
+            return page["image"]
+        data = blobs.get(page["blob"])
+        if data is None:
+            raise InvalidRequest(f"page {page['page']}'s image is gone from the blob store", "pages")
+        return data
 
     def write(source: Origin) -> None:
-        arrays, _ = run_model(model, "image", [EmbedInput("image", image=p["image"]) for p in pages], source)
+        arrays, _ = run_model(model, "image", [EmbedInput("image", image=image(p)) for p in pages], source)
         process.current().store.upsert_pages(
             collection,
             [
@@ -202,6 +212,7 @@ def index_pages(
         f"pages {first}-{last} of {filename}",
         write,
     )
+    blobs.delete(*(p["blob"] for p in pages if "blob" in p))
 
 
 @shared_task(name=INDEX_CHUNKS_TASK, bind=True, ignore_result=True)
