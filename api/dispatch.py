@@ -3,7 +3,8 @@
 Before sending, a check that a warm worker serves the model and that its queue is not over its
 limit makes a request fail fast (503 / 429) instead of waiting in vain. That check costs one Redis
 round trip, made at most every CAPACITY_TTL_S per queue; requests in between reuse its answer.
-The inputs sent are counted here and added to Redis every FLUSH_S, for `/metrics`.
+The inputs sent are counted here and added to Redis every FLUSH_S, for `/metrics`. Past
+EMBEDQ_MAX_IN_FLIGHT requests waiting at once, a request gets 429 rather than slowing the others.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Dispatcher:
         self._waiter = waiter
         self._capacity: dict[str, tuple[float, int, int]] = {}  # queue -> (read at, live workers, depth)
         self._sent: Counter[tuple[str, str]] = Counter()  # inputs sent per (model, modality), not yet flushed
+        self._in_flight = 0  # requests waiting on a worker (the loop is single-threaded: no lock)
 
     async def _read_capacity(self, queue: str, alive_key: str) -> tuple[int, int]:
         now = time.monotonic()
@@ -102,6 +104,15 @@ class Dispatcher:
                 log.warning("counting the inputs sent failed: %s", exc)
 
     async def _call(self, task: str, queue: str, kwargs: dict[str, Any], gone: Gone | None) -> Any:
+        if self._in_flight >= self._settings.max_in_flight:
+            raise QueueFull(f"This server is waiting on {self._in_flight} requests already; retry shortly.")
+        self._in_flight += 1
+        try:
+            return await self._send_and_wait(task, queue, kwargs, gone)
+        finally:
+            self._in_flight -= 1
+
+    async def _send_and_wait(self, task: str, queue: str, kwargs: dict[str, Any], gone: Gone | None) -> Any:
         task_id = str(uuid.uuid4())
         timeout = self._settings.request_timeout_s
         # Expires with the wait: a worker drops a task whose caller has given up.

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_pages_per_file: int = Field(default=2000, gt=0)  # a PDF or office document
     request_timeout_s: float = 60.0
     queue_limit: int = 10_000
+    # Requests one API process waits on at once; past it, 429 with Retry-After, before it degrades.
+    max_in_flight: int = Field(default=4096, gt=0)
 
     # Workers and queue semantics
     cpu_threads: int = Field(default_factory=lambda: os.cpu_count() or 1)

@@ -89,3 +89,28 @@ def test_two_thousand_streams_get_their_final_event_while_requests_keep_answerin
     assert took < 120
     log = (logs / "many-api.log").read_text()
     assert "Too many connections" not in log and "Traceback" not in log
+
+
+def test_the_api_sheds_load_with_429_before_it_degrades(env, logs):
+    """Past EMBEDQ_MAX_IN_FLIGHT requests waiting at once, the rest get 429 with Retry-After at once,
+    and those taken are answered."""
+    slow = {**env, "TEST_ITEM_S": "0.5", "EMBEDQ_MAX_IN_FLIGHT": "4"}
+    worker = start_worker(slow, MODEL, logs / "shed-worker.log")
+    api, base = start_api(slow, logs / "shed-api.log")
+    try:
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                body = {"model": MODEL, "input": "shed"}
+                return await asyncio.gather(*(client.post(f"{base}/v1/embeddings", json=body) for _ in range(12)))
+
+        started = time.monotonic()
+        responses = asyncio.run(run())
+        took = time.monotonic() - started
+    finally:
+        procs.stop([api, worker])
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 4 and codes.count(429) >= 4 and set(codes) <= {200, 429}, codes
+    shed = [r for r in responses if r.status_code == 429]
+    assert all(r.headers["retry-after"] and r.json()["error"]["code"] == "queue_full" for r in shed)
+    assert took < 30
