@@ -29,7 +29,11 @@ class ModelSpec(BaseModel):
     max_batch_size: int = 64
     pooling: Literal["mean", "cls", "last_token"] = "mean"
     normalize: bool = True
+    # What queries (`input_type: query`) are prefixed with: `query_instruction` is a task in
+    # Qwen3-Embedding's form (`Instruct: {task}\nQuery:{text}`, as its sentence-transformers config
+    # prompts), `query_prompt` any literal prefix (BGE's "Represent this sentence ...: ", E5's "query: ").
     query_instruction: str | None = None
+    query_prompt: str | None = None
     dimensions: list[int] = Field(default_factory=list)
     modalities: list[Modality] = Field(default_factory=lambda: ["text"])
     # late-interaction (colpali backend) only
@@ -46,7 +50,15 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model {self.name}: backend must be one of {sorted(BACKENDS)} or module:function")
         if self.backend == "colpali" and not self.model_class:
             raise ValueError(f"model {self.name}: the colpali backend needs model_class")
+        if self.query_instruction and self.query_prompt:
+            raise ValueError(f"model {self.name}: set query_instruction or query_prompt, not both")
         return self
+
+    @property
+    def query_prefix(self) -> str:
+        if self.query_instruction:
+            return f"Instruct: {self.query_instruction}\nQuery:"
+        return self.query_prompt or ""
 
     @property
     def multivector(self) -> bool:

@@ -10,7 +10,7 @@ processor settings, bounded to `--max-visual-tokens` (768) per page as the servi
 Input: a synthetic A4 page rendered at 150 dpi (1240x1754 px, text-like content, PNG as the
 ingest pipeline passes pages), about 736 visual tokens for ColQwen2.5 after the bound; short
 queries for the query rate. Reported per configuration (bf16 + SDPA; bf16 + FlashAttention 2 when
-`flash_attn` imports; NF4 4-bit through the backend's `quantization_config` when bitsandbytes
+`flash_attn` imports; NF4 4-bit through the backends' shared `quantization_config` when bitsandbytes
 imports on CUDA) and batch size:
 
 - forward: `model(**inputs)` on inputs already on the device, timed with CUDA events;
@@ -66,12 +66,8 @@ from common.registry import ModelSpec  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from tests.tiny_models import builder  # noqa: E402  (the tiny checkpoints' builder, for --tiny)
 from workers.backends.base import EmbedInput, OutOfMemory, Prepared  # noqa: E402
-from workers.backends.colpali import (  # noqa: E402
-    ColpaliBackend,
-    bound_visual_tokens,
-    colpali_classes,
-    resolve_attention,
-)
+from workers.backends.colpali import ColpaliBackend, bound_visual_tokens, colpali_classes  # noqa: E402
+from workers.backends.device import resolve_attention  # noqa: E402
 
 SEED = 0
 MODEL_CLASSES = {"colqwen2_5": "ColQwen2_5", "colmodernvbert": "ColModernVBert"}

@@ -7,7 +7,8 @@ seeded, so a rebuild gives the same model. The whole set is a few MB and builds 
     python scripts/make_tiny_models.py OUT_DIR [--only colqwen2 qwen3_embed ...]
 
 Late-interaction families: colqwen2, colqwen2_5, colmodernvbert, colpali, colidefics3.
-Text: qwen3_embed (a Qwen3Model with last-token pooling, also laid out for sentence-transformers).
+Text, each also laid out for sentence-transformers with its query prompt: qwen3_embed (a Qwen3Model
+with last-token pooling, as Qwen3-Embedding) and bert_cls (a BertModel with CLS pooling, as BGE).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 from transformers import Qwen2Tokenizer  # noqa: E402
 
 SEED = 0
+# The query prompts of Qwen3-Embedding's and BGE's sentence-transformers configs.
+QWEN3_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+QWEN3_QUERY_PROMPT = f"Instruct: {QWEN3_TASK}\nQuery:"
+BGE_QUERY_PROMPT = "Represent this sentence for searching relevant passages: "
 # Text towers share one shape: big enough to be a real transformer, small enough for seconds.
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 # Vision towers of the Idefics3-style and PaliGemma families: 32 px tiles of 8 px patches.
@@ -178,8 +183,6 @@ def build_colpali(out: Path) -> None:
 
 def build_qwen3_embed(out: Path) -> None:
     """A Qwen3-Embedding look-alike: left padding, EOS appended to every input, last-token pooling."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = byte_tokenizer("<|im_start|> <|im_end|>", padding_side="left")
@@ -198,9 +201,39 @@ def build_qwen3_embed(out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     Qwen3Model(config).save_pretrained(out)
+    save_sentence_transformer(out, "lasttoken", QWEN3_QUERY_PROMPT)
+
+
+def build_bert_cls(out: Path) -> None:
+    """A BGE look-alike: a BERT encoder with a WordPiece vocabulary of single characters, CLS pooling."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,:;!?'\"-()")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=512)
+    tokenizer.save_pretrained(out)
+    config = BertConfig(
+        hidden_size=TEXT["hidden_size"],
+        intermediate_size=TEXT["intermediate_size"],
+        num_hidden_layers=TEXT["num_hidden_layers"],
+        num_attention_heads=TEXT["num_attention_heads"],
+        vocab_size=vocab_size(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    BertModel(config).save_pretrained(out)
+    save_sentence_transformer(out, "cls", BGE_QUERY_PROMPT)
+
+
+def save_sentence_transformer(out: Path, pooling_mode: str, query_prompt: str) -> None:
+    """Lay the checkpoint in `out` out for sentence-transformers too: pooling, normalization, prompts."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
     transformer = Transformer(str(out), max_seq_length=512)
-    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
-    SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu").save(str(out))
+    pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling_mode)
+    prompts = {"query": query_prompt, "document": ""}
+    SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu", prompts=prompts).save(str(out))
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
@@ -210,6 +243,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "colidefics3": lambda out: build_idefics3_style(out, "colidefics3"),
     "colpali": build_colpali,
     "qwen3_embed": build_qwen3_embed,
+    "bert_cls": build_bert_cls,
 }
 
 

@@ -20,7 +20,7 @@ from common.registry import ModelSpec
 from common.settings import Settings
 from tests.tiny_models import tiny_models_dir
 from workers.backends.base import EmbedInput
-from workers.backends.colpali import create, quantization_config, resolve_attention
+from workers.backends.colpali import create
 
 FAMILIES = {  # tiny checkpoint -> (model class, processor class)
     "colqwen2": ("ColQwen2", "ColQwen2Processor"),
@@ -212,12 +212,3 @@ def test_undecodable_image_is_an_invalid_request():
     backend = loaded_backend("colqwen2")
     with pytest.raises(InvalidRequest):
         backend.prepare(EmbedInput("image", image=b"not an image"))
-
-
-def test_device_choices_on_cpu():
-    cpu = torch.device("cpu")
-    assert resolve_attention("auto", cpu) == "sdpa"
-    assert resolve_attention("eager", cpu) == "eager"
-    assert quantization_config("none", cpu) is None
-    with pytest.raises(ValueError, match="CUDA"):
-        quantization_config("4bit", cpu)

@@ -3,7 +3,7 @@ token ids in the vocabulary, and what an over-long input with `truncate: false` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any
 
 from ..errors import InputTooLong, InvalidRequest
@@ -52,9 +52,12 @@ def text_inputs(raw: Any, max_inputs: int) -> list[dict[str, Any]]:
     return [{"token_ids": ids} for ids in raw]
 
 
-def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
-    if any(not 0 <= t < vocab_size for t in ids):
-        raise InvalidRequest(f"Token ids must be in [0, {vocab_size}).", PARAM)
+def check_token_ids(ids: Sequence[int], tokenizer: Sized) -> None:
+    """Every id `tokenizer` knows is valid: `len(tokenizer)` counts the added special tokens (a
+    Qwen tokenizer's `<|endoftext|>` and up), which its `vocab_size` leaves out."""
+    known = len(tokenizer)
+    if any(not 0 <= t < known for t in ids):
+        raise InvalidRequest(f"Token ids must be in [0, {known}) for this model's tokenizer.", PARAM)
 
 
 def too_long(n_tokens: int, limit: int) -> InputTooLong:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import math
 import queue
@@ -43,7 +42,7 @@ from common.registry import ModelSpec
 from common.settings import Settings
 
 from .base import EmbedInput, Prepared
-from .device import oom_as_out_of_memory, resolve_device, resolve_dtype
+from .device import load_options, oom_as_out_of_memory, resolve_device
 
 # colpali-engine model class -> (its processor class, the `model_type` of its checkpoints)
 FAMILIES = {
@@ -56,35 +55,6 @@ FAMILIES = {
 # Per-token features, padded on the tokenizer's side; every other feature is padded with zeros
 # after its end along dimension 1 (patches of Qwen, tiles of Idefics3).
 _TOKEN_FEATURES = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
-
-
-def resolve_attention(attention: str, device: torch.device) -> str:
-    """`auto`: FlashAttention 2 on CUDA when `flash_attn` is installed, else SDPA."""
-    if attention != "auto":
-        return attention
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def quantization_config(quantization: str, device: torch.device):
-    """transformers' BitsAndBytesConfig for `8bit` / `4bit` (NF4, double quant, bf16 compute)."""
-    if quantization == "none":
-        return None
-    if device.type != "cuda":
-        raise ValueError(f"quantization {quantization} runs on CUDA only (bitsandbytes); this worker is on {device}")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"quantization {quantization} needs bitsandbytes: pip install 'embedq[gpu]'")
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
 
 
 def colpali_classes(model_class: str) -> tuple[type, type]:
@@ -139,8 +109,8 @@ class ColpaliBackend:
         self.spec = spec
         self.settings = settings
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(spec.dtype, self.device)
-        self.attention = resolve_attention(spec.attention, self.device)
+        self.options = load_options(spec, self.device)
+        self.dtype, self.attention = self.options["dtype"], self.options["attn_implementation"]
         # HF tokenizers are not safe to call from several threads at once; a few copies of the
         # processor let that many task threads preprocess pages while the device runs a batch.
         self._processors: queue.Queue | None = None
@@ -150,13 +120,7 @@ class ColpaliBackend:
     def load(self) -> None:
         model_cls, processor_cls = colpali_classes(self.spec.model_class)
         path = self.spec.resolved_path()
-        self.model = model_cls.from_pretrained(
-            path,
-            dtype=self.dtype,
-            attn_implementation=self.attention,
-            device_map={"": str(self.device)},  # bitsandbytes models cannot be moved after loading
-            quantization_config=quantization_config(self.spec.quantization, self.device),
-        ).eval()
+        self.model = model_cls.from_pretrained(path, **self.options).eval()
         self.processor = processor_cls.from_pretrained(path)
         bound_visual_tokens(self.processor, self.spec.max_num_visual_tokens)
         self.dim = self.model.dim
@@ -207,7 +171,7 @@ class ColpaliBackend:
     def _process_text(self, processor, item: EmbedInput):
         tokenizer = processor.tokenizer
         if item.token_ids is not None:
-            check_token_ids(item.token_ids, len(tokenizer))
+            check_token_ids(item.token_ids, tokenizer)
             text = tokenizer.decode(item.token_ids)
         else:
             text = item.text or ""
@@ -245,13 +209,14 @@ class ColpaliBackend:
         return inputs
 
     def embed(self, batch: Sequence[Prepared]) -> list[np.ndarray]:
-        inputs = self.model_inputs(batch)
         with torch.inference_mode(), oom_as_out_of_memory():
+            inputs = self.model_inputs(batch)
             vectors = self.model(**inputs)
             # Select by mask first: with SDPA, left-padded rows can be NaN rather than zero.
             mask = inputs["attention_mask"].bool()
             rows = vectors[mask].float().cpu().numpy()
-        return np.split(rows, np.cumsum(mask.sum(dim=1).tolist())[:-1])
+            lengths = mask.sum(dim=1).tolist()
+        return np.split(rows, np.cumsum(lengths)[:-1])
 
 
 def create(spec: ModelSpec, device: str, settings: Settings) -> ColpaliBackend:

@@ -1,7 +1,8 @@
 """Text encoders through transformers: mean / CLS / last-token pooling over the hidden states.
 
 Covers sentence-transformers style models (MiniLM, BGE, PubMedBERT) and decoder embedders
-(Qwen3-Embedding: last-token pooling, `Instruct: ...\\nQuery: ...` for queries). Pooled vectors
+(Qwen3-Embedding: last-token pooling, its instruction prompt for queries), loaded as the spec asks
+(dtype, attention kernel, 8-bit or 4-bit quantization: workers.backends.device). Pooled vectors
 leave unnormalized; normalization and Matryoshka truncation happen in the shared post-processing.
 """
 
@@ -19,14 +20,14 @@ from common.registry import ModelSpec
 from common.settings import Settings
 
 from .base import EmbedInput, Prepared
-from .device import oom_as_out_of_memory, resolve_device, resolve_dtype
+from .device import load_options, oom_as_out_of_memory, resolve_device
 
 
 class TextBackend:
     def __init__(self, spec: ModelSpec, device: str, settings: Settings):
         self.spec = spec
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.options = load_options(spec, self.device)
         # HF fast tokenizers are not safe to call from several threads at once.
         self._tokenizer_lock = threading.Lock()
         self.dim = 0
@@ -34,7 +35,7 @@ class TextBackend:
     def load(self) -> None:
         path = self.spec.resolved_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(path, **self.options).eval()
         self.dim = self.model.config.hidden_size
         self.max_tokens = min(self.spec.max_input_tokens, self.tokenizer.model_max_length)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -44,14 +45,14 @@ class TextBackend:
         self.embed(items)
 
     def _text(self, item: EmbedInput) -> str:
-        if item.input_type == "query" and self.spec.query_instruction:
-            return f"Instruct: {self.spec.query_instruction}\nQuery: {item.text}"
+        if item.input_type == "query":
+            return f"{self.spec.query_prefix}{item.text}"
         return item.text or ""
 
     def prepare(self, item: EmbedInput) -> Prepared:
         if item.token_ids is not None:
             ids = list(item.token_ids)
-            check_token_ids(ids, self.tokenizer.vocab_size)
+            check_token_ids(ids, self.tokenizer)
             if len(ids) > self.max_tokens:
                 self._refuse_if_strict(item, len(ids))
                 ids = ids[: self.max_tokens]
@@ -75,9 +76,10 @@ class TextBackend:
             ids[row, : len(p.payload)] = torch.tensor(p.payload)
         mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
         with torch.inference_mode(), oom_as_out_of_memory():
-            hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-            pooled = self._pool(hidden.float(), mask.to(self.device), lengths.to(self.device))
-        return list(pooled.cpu().numpy())
+            ids, mask, lengths = ids.to(self.device), mask.to(self.device), lengths.to(self.device)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = self._pool(hidden.float(), mask, lengths).cpu().numpy()
+        return list(pooled)
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.spec.pooling == "cls":

@@ -147,7 +147,7 @@ class Int8Pages:
     ) -> list[str]:
         """The keys of the `count` pages with the highest approximate MaxSim (among `allowed`),
         scored by the threads of `pool`."""
-        codes, scale = _quantize(torch.from_numpy(np.asarray(query, np.float32)))
+        codes, scale = _quantize(torch.from_numpy(np.array(query, np.float32)))  # a writable copy
         keys: list[str | None] = []
         scores = []
         for bucket in self._buckets.values():
