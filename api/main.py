@@ -26,7 +26,7 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import RequestMetrics
 from .results import ResultWaiter
-from .routes import collections, embeddings, health, jobs, metrics, models, multivector
+from .routes import collections, embeddings, health, jobs, metrics, models, multivector, rerank
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models.router,
         embeddings.router,
         multivector.router,
+        rerank.router,
         collections.router,
         jobs.router,
         metrics.router,

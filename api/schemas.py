@@ -74,6 +74,24 @@ class ImageEmbeddingRequest(_LateInteractionOptions):
     images: list[str] = Field(description="Raw base64 or `data:image/...;base64,...` URLs.")
 
 
+class RerankRequest(Body):
+    """Cohere's and TEI's rerank shape; `images` (raw base64 or data: URLs) for visual models."""
+
+    model: str
+    query: str = Field(min_length=1)
+    documents: list[str] | None = Field(default=None, description="Texts to score against the query.")
+    images: list[str] | None = Field(default=None, description="Or page images: raw base64 or data: URLs.")
+    top_n: int | None = Field(default=None, ge=1, description="Return only the best top_n (default: all).")
+    return_documents: bool = Field(default=False, description="Echo each text document in its result.")
+    truncate: bool = True
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RerankRequest:
+        if (self.documents is None) == (self.images is None):
+            raise ValueError("send either 'documents' or 'images'")
+        return self
+
+
 class CollectionCreate(Body):
     name: str = Field(
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="Letters, digits and _, not starting with a digit."

@@ -29,3 +29,10 @@ def unpack(packed: dict[str, Any]) -> list[np.ndarray]:
 def to_base64(array: np.ndarray, dtype: WireDtype = "float32") -> str:
     """OpenAI's base64 format: the little-endian bytes of the (flattened) array."""
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+
+
+def maxsim(query: np.ndarray, documents: Iterable[np.ndarray]) -> np.ndarray:
+    """Late-interaction scores, as colpali-engine's `score_multi_vector`: for each document, the sum
+    over the query's token vectors of their best dot product with its token vectors (float32)."""
+    query = np.asarray(query, np.float32)
+    return np.array([(query @ np.asarray(d, np.float32).T).max(axis=1).sum() for d in documents], np.float32)

@@ -256,3 +256,69 @@ def test_a_burst_of_pages_does_not_hold_up_a_query(li_api):
     assert query.status_code == 200
     assert burst_duration > 3.0, "the burst was too short to show anything"
     assert query_latency < burst_duration / 4, (query_latency, burst_duration)
+
+
+def rerank(base: str, **body) -> httpx.Response:
+    return httpx.post(f"{base}/v1/rerank", json=body, timeout=60)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_rerank_of_page_images_is_score_multi_vector(li_api, reference, name):
+    model, processor = reference[name]
+    query = QUERIES[0]
+    response = rerank(li_api, model=name, query=query, images=[b64(p) for p in PAGES])
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    ref_pages = reference_rows(model, processor.process_images([Image.open(io.BytesIO(p)) for p in PAGES]))
+    ref_query = reference_rows(model, processor.process_queries([query]))
+    expected = processor.score_multi_vector(
+        [torch.from_numpy(q) for q in ref_query], [torch.from_numpy(p) for p in ref_pages]
+    ).numpy()[0]
+    assert [r["index"] for r in results] == np.argsort(-expected, kind="stable").tolist()
+    got = np.array([r["relevance_score"] for r in sorted(results, key=lambda r: r["index"])])
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_rerank_of_texts_on_a_late_interaction_model(li_api, reference):
+    model, processor = reference["colqwen2"]
+    documents = ["revenue grew in 2023", "a page about attention maps", "nothing relevant"]
+    body = rerank(li_api, model="colqwen2", query=QUERIES[1], documents=documents, top_n=2, return_documents=True)
+    assert body.status_code == 200, body.text
+    results = body.json()["results"]
+    expected = processor.score_multi_vector(
+        [torch.from_numpy(q) for q in reference_rows(model, processor.process_queries([QUERIES[1]]))],
+        [torch.from_numpy(d) for d in reference_rows(model, processor.process_texts(documents))],
+    ).numpy()[0]
+    best = np.argsort(-expected, kind="stable")[:2].tolist()
+    assert [r["index"] for r in results] == best
+    assert [r["document"]["text"] for r in results] == [documents[i] for i in best]
+    np.testing.assert_allclose([r["relevance_score"] for r in results], expected[best], rtol=1e-4)
+
+
+def test_rerank_on_a_text_model_is_the_cosine(li_api, minilm_worker, reference_minilm):
+    documents = ["Paris is the capital of France.", "Bananas are yellow.", "France's capital city is Paris."]
+    query = "What is the capital of France?"
+    response = rerank(li_api, model=MINILM, query=query, documents=documents)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    vectors = reference_minilm.encode([query, *documents], normalize_embeddings=True)
+    expected = vectors[1:] @ vectors[0]
+    assert [r["index"] for r in results] == np.argsort(-expected).tolist()
+    got = np.array([r["relevance_score"] for r in sorted(results, key=lambda r: r["index"])])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert "document" not in results[0]
+    assert response.json()["usage"]["total_tokens"] > 0
+
+
+def test_rerank_input_errors(li_api):
+    image = b64(PAGES[2])
+    assert assert_400(rerank(li_api, model="colqwen2", query="q", documents=["a"], images=[image]))
+    assert assert_400(rerank(li_api, model="colqwen2", query="q"))
+    assert assert_400(rerank(li_api, model="colqwen2", query="q", documents=[]), "documents")
+    assert assert_400(rerank(li_api, model="colqwen2", query="q", documents=["a", ""]), "documents")
+    assert assert_400(rerank(li_api, model="colqwen2", query="", documents=["a"]), "query")
+    assert assert_400(rerank(li_api, model="colqwen2", query="q", documents=["a"], top_n=0), "top_n")
+    assert assert_400(rerank(li_api, model="colqwen2", query="q", images=["not base64 !!"]), "images")
+    assert assert_400(rerank(li_api, model="colqwen2", query="q", images=[image] * 9), "images")  # over the limit
+    assert assert_400(rerank(li_api, model=MINILM, query="q", images=[image]), "images")
+    assert rerank(li_api, model="nope", query="q", documents=["a"]).status_code == 404

@@ -62,7 +62,7 @@ async def embed_text(
     )
 
 
-def _image_inputs(images: list[bytes], settings: Settings) -> list[dict[str, Any]]:
+def image_inputs(images: list[bytes], settings: Settings) -> list[dict[str, Any]]:
     check_count(images, settings.max_images_per_request, "images")
     for data in images:
         validate_image(data, settings.max_image_pixels)
@@ -123,4 +123,4 @@ async def embed_image(
     spec = registry.get(options.model)
     if "image" not in spec.modalities:
         raise InvalidRequest(f"The model '{spec.name}' does not embed images.", "model")
-    return await _embed(dispatcher, gone, spec, "image", _image_inputs(images, settings), options)
+    return await _embed(dispatcher, gone, spec, "image", image_inputs(images, settings), options)

@@ -34,6 +34,7 @@ import torch
 from common.errors import InvalidRequest, NotFound
 from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord
+from common.vectors import maxsim
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,6 @@ LOAD_BATCH = 64  # pages per read from Milvus (about 16 MB for pages of 736 toke
 def _quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, float]:
     scale = float(vectors.abs().max()) / 127 or 1.0
     return torch.round(vectors / scale).to(torch.int8), scale
-
-
-def maxsim(query: np.ndarray, pages: list[np.ndarray]) -> np.ndarray:
-    """colpali-engine's score of `query` against each page, in float32."""
-    query = np.asarray(query, np.float32)
-    return np.array([(query @ np.asarray(page, np.float32).T).max(axis=1).sum() for page in pages], np.float32)
 
 
 @dataclass
