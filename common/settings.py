@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -46,6 +46,8 @@ class Settings(BaseSettings):
 
     # Workers and queue semantics
     cpu_threads: int = Field(default_factory=lambda: os.cpu_count() or 1)
+    # How a search worker's page scan multiplies (workers.search.kernels): auto times each at start-up.
+    scan_kernel: Literal["auto", "int8", "fbgemm", "float32"] = "auto"
     worker_concurrency: int = 64
     # A live worker renews the messages it holds with each heartbeat (common.delivery.leases), so
     # this bounds only how long a dead worker's messages wait before they run elsewhere. Shorter

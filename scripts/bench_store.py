@@ -18,6 +18,7 @@ the largest relative difference between a returned score and its exact MaxSim.
 
     python scripts/bench_store.py --pages 1000 10000        # starts Milvus Lite (and Redis if needed)
     python scripts/bench_store.py --uri http://host:19530   # or uses a running Milvus
+    python scripts/bench_store.py --kernel fbgemm           # a scan kernel by name (default: timed, fastest)
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from common.launch import procs  # noqa: E402
 from common.launch.milvus_lite import MilvusLiteServer  # noqa: E402
 from common.store.changes import PageChanges  # noqa: E402
 from common.store.milvus import MilvusStore, PageRecord  # noqa: E402
-from workers.search.scan import Searcher  # noqa: E402
+from workers.search import kernels  # noqa: E402
+from workers.search.scan import BLOCK_TOKENS, Searcher  # noqa: E402
 
 WRITE_PAGES = 256
 WARMUP = 3
@@ -104,6 +106,7 @@ def bench_search(
     top_k: int = 10,
     seed: int = 0,
     collection: str = "bench_store",
+    kernel: str = "auto",
 ) -> dict:
     """Fill `collection` (dropped first and after) with random pages, then time and score searches."""
     rng = np.random.default_rng(seed)
@@ -117,14 +120,15 @@ def bench_search(
         stored[batch.start : batch.stop] = _unit(rng.standard_normal((len(batch), tokens, dim), dtype=np.float32))
         store.upsert_pages(collection, [PageRecord(f"doc{i}", 0, f"doc{i}.pdf", {}, stored[i]) for i in batch])
     store.flush(collection)
-    result = {"pages": pages, "write_s": round(time.perf_counter() - started, 1), "runs": []}
+    result = {"pages": pages, "kernel": "", "write_s": round(time.perf_counter() - started, 1), "runs": []}
     if server_pid:
         _wait_idle(server_pid)
 
-    searcher = Searcher(MilvusStore(uri), PageChanges(client), threads=os.cpu_count() or 1)
+    searcher = Searcher(MilvusStore(uri), PageChanges(client), threads=os.cpu_count() or 1, kernel=kernel)
     rss, started = _rss_gb(), time.perf_counter()
     searcher.preload()
     result["load_s"] = round(time.perf_counter() - started, 1)
+    result["kernel"] = searcher.kernel.name
     result["index_gb"] = round(_rss_gb() - rss, 2)
 
     chosen = np.stack([rng.choice(pages, targets, replace=False) for _ in range(queries)])
@@ -173,12 +177,16 @@ def main() -> None:
     parser.add_argument("--query-tokens", type=int, default=20)
     parser.add_argument("--targets", type=int, default=1)
     parser.add_argument("--noise", type=float, default=1.0)
+    parser.add_argument("--kernel", default="auto", choices=["auto", *kernels.KERNELS], help="the page scan's product")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the search worker runs: its searcher's threads share the cores out
     options = dict(
         queries=args.queries, tokens=args.tokens, query_tokens=args.query_tokens, targets=args.targets, noise=args.noise
     )
-    print(f"options: {options}; {os.cpu_count()} cores")
+    timings = kernels.time_kernels(BLOCK_TOKENS, 128)
+    print(f"options: {options}; {os.cpu_count()} cores; CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print("scan kernels, ms per block: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    options["kernel"] = args.kernel
     with tempfile.TemporaryDirectory() as tmp:
         redis_url, redis_proc = procs.redis_or_embedded(os.environ.get("EMBEDQ_REDIS_URL"), Path(tmp) / "redis")
         server = None if args.uri else MilvusLiteServer(Path(tmp) / "milvus", procs.free_port()).start()

@@ -71,6 +71,8 @@ def stored(settings):
         },
     )
     client.hset(keys.worker_stats(STALE_WORKER), mapping={"model": TEXT_MODEL, "device": "cpu", "batches": 1})
+    client.zadd(keys.SEARCH_WORKERS_ALIVE, {"search@host": now})
+    client.hset(keys.worker_stats("search@host"), mapping={"kernel": "fbgemm", "cpu": "AVX2", "pages": 1234})
     yield client
     client.flushdb()
 
@@ -121,6 +123,9 @@ def test_metrics_from_redis_and_requests(settings, stored):
     assert value(samples, "embedq_worker_oom_splits_total", **worker) == 2
     assert value(samples, "embedq_worker_failed_batches_total", **worker) == 1
     assert not any(dict(labels).get("worker") == STALE_WORKER for _, labels in samples)
+    assert value(samples, "embedq_search_kernel", worker="search@host", kernel="fbgemm", cpu="AVX2") == 1
+    assert value(samples, "embedq_search_pages", worker="search@host") == 1234
+    assert value(samples, "embedq_worker_batches_total", worker="search@host", model="", device="") is None
 
 
 def test_each_app_counts_its_own_requests(settings, stored):

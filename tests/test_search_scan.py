@@ -15,7 +15,8 @@ from common import keys
 from common.errors import InvalidRequest, NotFound
 from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord
-from workers.search.scan import RERANK_EXTRA, Int8Pages, Searcher
+from workers.search import kernels
+from workers.search.scan import Int8Pages, Searcher
 
 from .pages import DIM, make_pages, page_collection, unit
 
@@ -77,18 +78,21 @@ def exhaustive(query: np.ndarray, pages: list[PageRecord], k: int) -> list[tuple
     return [(pages[i].doc_id, pages[i].page) for i in np.argsort(-scores, kind="stable")[:k]]
 
 
-def test_int8_scan_ranks_as_exact_maxsim(rng):
-    """The in-memory scores alone (before the exact rerank) keep exhaustive MaxSim's top 10 within
-    the pages they hand to the rerank, on random pages and random queries: the hard case."""
+@pytest.mark.parametrize("name", sorted(kernels.KERNELS))
+def test_int8_scan_ranks_as_exact_maxsim(rng, name):
+    """With every kernel, the in-memory scores alone (before the exact rerank) keep exhaustive
+    MaxSim's top 10 within the pages they hand to the rerank, on random pages and random queries:
+    the hard case."""
+    kernel = kernels.KERNELS[name]
     records = make_pages(rng, 100)
-    index = Int8Pages(DIM)
+    index = Int8Pages(DIM, kernel)
     for page in records:
         index.put(page)
     with ThreadPoolExecutor(2) as pool:
         for _ in range(10):
             query = unit(rng.standard_normal((20, DIM)))
             top = {f"{d}#{p}" for d, p in exhaustive(query, records, 10)}
-            assert top <= set(index.best(query, 10 + RERANK_EXTRA, pool))
+            assert top <= set(index.best(query, 10 + kernel.extra, pool))
 
 
 def test_search_is_exhaustive_maxsim_with_its_scores(searcher, pages, rng):
@@ -200,3 +204,23 @@ def test_the_feed_is_trimmed_to_what_every_live_search_worker_applied(changes, s
     changes.applied("pages", "search@a:1", last, live=["search@a:1"])  # b has gone
     assert [i.decode() for i, _ in client.xrange(stream)] == [last]
     assert client.hkeys(keys.page_changes_applied("pages")) == [b"search@a:1"]
+
+
+def test_the_kernel_is_chosen_by_timing_and_can_be_named():
+    kernel, timings = kernels.choose("auto", 4096)
+    assert set(timings) >= {"int8", "float32"} and kernel.name == min(timings, key=timings.get)
+    assert kernels.choose("float32", 4096) == (kernels.KERNELS["float32"], {})
+    with pytest.raises(ValueError, match="not available"):
+        kernels.choose("avx9000", 4096)
+
+
+@pytest.mark.parametrize("name", sorted(kernels.KERNELS))
+def test_every_kernel_gives_the_exact_product_of_the_codes(name, rng):
+    kernel = kernels.KERNELS[name]
+    block = torch.from_numpy(rng.integers(-127, 128, (300, DIM), dtype=np.int8))
+    query = torch.from_numpy(rng.integers(-127, 128, (7, DIM), dtype=np.int8))
+    exact = query.double() @ block.double().T
+    got = kernel.product(query, kernel.prepare(block)).double()
+    # fbgemm quantizes the query again, to 7 bits: about 1% of the largest product
+    tolerance = 0.02 if name == "fbgemm" else 0
+    assert ((got - exact).abs().max() / exact.abs().max()).item() <= tolerance

@@ -101,7 +101,7 @@ def model_worker(model: str, device: str | None = None, modalities: list[str] | 
     modalities = [m for m in ("text", "image") if m in modalities]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     proc = process.start(settings, spec.name)
-    proc.runtime = runtime = load_runtime(spec, device or spec.device, modalities, settings)
+    proc.runtime = runtime = load_runtime(spec, device or spec.device, modalities, settings, proc.redis)
     gate = FetchGate(settings.fetch_batches * spec.max_batch_size, task_items)
     gate.install(proc.celery)
 
@@ -143,10 +143,26 @@ def search_worker() -> None:
     settings = get_settings()
     torch.set_num_threads(1)  # the searcher's own threads share the cores out (workers.search.scan)
     proc = process.start(settings, "search")
-    proc.searcher = Searcher(proc.store, proc.store.changes, threads=settings.cpu_threads)
+    proc.searcher = Searcher(proc.store, proc.store.changes, settings.cpu_threads, settings.scan_kernel)
     proc.searcher.preload()
     threading.Thread(target=_follow_collections, args=(proc,), name="embedq-catch-up", daemon=True).start()
-    _consume(proc, [SEARCH_QUEUE], "solo", 1, [keys.SEARCH_WORKERS_ALIVE])
+    _consume(proc, [SEARCH_QUEUE], "solo", 1, [keys.SEARCH_WORKERS_ALIVE], extra=lambda: _publish_search_stats(proc))
+
+
+def _publish_search_stats(proc: process.Process) -> None:
+    """The scan kernel this search worker chose and the pages it holds, for `/metrics`."""
+    import torch
+
+    key = keys.worker_stats(proc.name)
+    stats = {
+        "kernel": proc.searcher.kernel.name,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "pages": sum(proc.searcher.held().values()),
+    }
+    with proc.redis.pipeline() as pipe:
+        pipe.hset(key, mapping=stats)
+        pipe.expire(key, proc.settings.worker_heartbeat_ttl_s)
+        pipe.execute()
 
 
 def _follow_collections(proc: process.Process) -> None:

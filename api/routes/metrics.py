@@ -56,6 +56,7 @@ class RedisReading:
     workers_alive: dict[tuple[str, str], int] = field(default_factory=dict)
     worker_stats: dict[str, dict[str, str]] = field(default_factory=dict)  # worker name -> its hash
     items: dict[str, int] = field(default_factory=dict)  # keys.ITEMS: `sent|embedded:<model>:<modality>` -> count
+    search_stats: dict[str, dict[str, str]] = field(default_factory=dict)  # search worker -> its hash
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -83,6 +84,17 @@ class RedisReading:
                     model, _, modality = rest.rpartition(":")
                     counter.add_metric([model, modality], count)
             yield counter
+        kernel = GaugeMetricFamily(
+            "embedq_search_kernel",
+            "1 for the page scan kernel a live search worker timed fastest on its CPU.",
+            labels=["worker", "kernel", "cpu"],
+        )
+        pages = GaugeMetricFamily("embedq_search_pages", "Pages a live search worker holds.", labels=["worker"])
+        for worker, stats in self.search_stats.items():
+            kernel.add_metric([worker, stats.get("kernel", ""), stats.get("cpu", "")], 1)
+            pages.add_metric([worker], int(stats.get("pages", 0)))
+        yield kernel
+        yield pages
 
 
 async def read_redis(client: aioredis.Redis, registry: Registry, settings: Settings) -> RedisReading:
@@ -91,25 +103,27 @@ async def read_redis(client: aioredis.Redis, registry: Registry, settings: Setti
         for model, modality in served:
             pipe.llen(embed_queue(model, modality))
             live_workers(pipe, keys.workers_alive(model, modality), settings.worker_heartbeat_ttl_s)
-        replies = await pipe.execute()
+        live_workers(pipe, keys.SEARCH_WORKERS_ALIVE, settings.worker_heartbeat_ttl_s)
+        *replies, searchers = await pipe.execute()
     depths, alive = replies[0::2], replies[1::2]
+    searchers = sorted(member.decode() for member in searchers)
     # Live workers come from the heartbeat sets, not from a SCAN for stats hashes: a SCAN walks the
     # whole keyspace, about 0.5 s of Redis time per scrape with the million task results that a
     # busy API keeps.
     workers = sorted({member.decode() for members in alive for member in members})
     async with client.pipeline(transaction=False) as pipe:
-        for worker in workers:
+        for worker in workers + searchers:
             pipe.hgetall(keys.worker_stats(worker))
         pipe.hgetall(keys.ITEMS)
         *hashes, items = await pipe.execute()
+    decoded = [{k.decode(): v.decode() for k, v in raw.items()} for raw in hashes]
     return RedisReading(
         queue_depth=dict(zip(served, depths)),
         workers_alive={labels: len(members) for labels, members in zip(served, alive)},
         # A hash expires when its worker stops beating; one may go between the two round trips.
-        worker_stats={
-            worker: {k.decode(): v.decode() for k, v in raw.items()} for worker, raw in zip(workers, hashes) if raw
-        },
+        worker_stats={worker: stats for worker, stats in zip(workers, decoded) if stats},
         items={k.decode(): int(v) for k, v in items.items()},
+        search_stats={worker: stats for worker, stats in zip(searchers, decoded[len(workers) :]) if stats},
     )
 
 

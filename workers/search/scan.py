@@ -9,10 +9,13 @@ scores every page, cheaply, then exactly:
 1. Every page's token vectors are kept here as int8 codes with one scale per page (its largest
    absolute component / 127): 94 KB for a page of 736 tokens of dim 128. Pages are grouped by token
    count, so a block of pages is one (pages x tokens, dim) matrix. The query is quantized alike;
-   one int8 matrix product per block (`torch._int_mm`) and a max over each page's tokens give every
+   one matrix product per block and a max over each page's tokens give every
    page's approximate MaxSim. The products are most of a search's time: at 10k pages on 2 cores,
-   about 40 ms plus 3.5 ms per query token.
-2. The best `top_k + RERANK_EXTRA` pages are read back from Milvus (their float16 vectors, in one
+   about 40 ms plus 3.5 ms per query token where int8 products are fast. How a product runs
+   (torch's int8 product, fbgemm's, or float32 BLAS) is timed at start-up (workers.search.kernels).
+2. The best `top_k + extra` pages (`extra` per kernel: int8 scores are off by about 0.05%, which
+   reorders pages with nearly equal scores; over 40 queries at 10k random pages, exhaustive MaxSim's
+   top 10 were always within the int8 top 15) are read back from Milvus (their float16 vectors, in one
    call) and scored exactly in float32, so the returned scores are colpali-engine's
    `score_multi_vector` over the stored vectors.
 
@@ -27,6 +30,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,12 +40,11 @@ from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord
 from common.vectors import maxsim
 
+from . import kernels
+from .kernels import Kernel
+
 log = logging.getLogger(__name__)
 
-# Pages scored exactly beyond top_k. int8 scores are off by about 0.05%, which reorders pages with
-# nearly equal scores: over 40 queries at 10k random pages, exhaustive MaxSim's top 10 were always
-# within the int8 top 15.
-RERANK_EXTRA = 8
 BLOCK_TOKENS = 49_152  # tokens per int8 product: its int32 output (4 MB for 20 query tokens) stays in cache
 LOAD_BATCH = 64  # pages per read from Milvus (about 16 MB for pages of 736 tokens)
 
@@ -68,6 +71,13 @@ class _Bucket:
         self.scales = torch.empty(0)
         self.live = torch.empty(0, dtype=torch.bool)
 
+    _prepared: dict[int, tuple[int, Any]] = field(default_factory=dict)  # block start -> (stop, kernel's form)
+
+    @property
+    def block(self) -> int:
+        """Pages per block product."""
+        return max(1, BLOCK_TOKENS // self.tokens)
+
     def put(self, key: str, codes: torch.Tensor, scale: float) -> int:
         if self.free:
             slot = self.free.pop()
@@ -80,34 +90,42 @@ class _Bucket:
                 self.scales = torch.cat([self.scales, torch.empty(grow)])
                 self.live = torch.cat([self.live, torch.zeros(grow, dtype=torch.bool)])
         self.codes[slot], self.scales[slot], self.live[slot], self.keys[slot] = codes, scale, True, key
+        self._prepared.pop(slot - slot % self.block, None)
         return slot
 
     def remove(self, slot: int) -> None:
         self.keys[slot], self.live[slot] = None, False
         self.free.append(slot)
 
-    def scores(self, query: torch.Tensor, query_scale: float, pool: ThreadPoolExecutor) -> torch.Tensor:
+    def prepared(self, start: int, kernel: Kernel) -> Any:
+        """The block of pages from `start` in the form `kernel` multiplies, made again after a write."""
+        stop = min(len(self.keys), start + self.block)
+        cached = self._prepared.get(start)
+        if cached is None or cached[0] != stop:
+            cached = self._prepared[start] = (stop, kernel.prepare(self.codes[start:stop].view(-1, self.dim)))
+        return cached[1]
+
+    def scores(self, query: torch.Tensor, query_scale: float, kernel: Kernel, pool: ThreadPoolExecutor) -> torch.Tensor:
         """Approximate MaxSim of the int8 `query` against every used slot; -inf for free ones. The
         blocks are shared out among the pool's threads."""
         used = len(self.keys)
-        out = torch.empty((len(query), used), dtype=torch.int32)
-        block = max(1, BLOCK_TOKENS // self.tokens)
+        out = torch.empty((len(query), used), dtype=torch.float32)
 
         def scan(start: int) -> None:
-            stop = min(used, start + block)
-            sims = torch._int_mm(query, self.codes[start:stop].view(-1, self.dim).T)
-            torch.amax(sims.view(len(query), stop - start, self.tokens), dim=2, out=out[:, start:stop])
+            stop = min(used, start + self.block)
+            sims = kernel.product(query, self.prepared(start, kernel))
+            out[:, start:stop] = torch.amax(sims.view(len(query), stop - start, self.tokens), dim=2)
 
-        list(pool.map(scan, range(0, used, block)))
-        scores = out.sum(dim=0, dtype=torch.float32) * self.scales[:used] * query_scale
+        list(pool.map(scan, range(0, used, self.block)))
+        scores = out.sum(dim=0) * self.scales[:used] * query_scale
         return scores.masked_fill_(~self.live[:used], -torch.inf)
 
 
 class Int8Pages:
     """One collection's pages as int8 codes, by page key."""
 
-    def __init__(self, dim: int):
-        self.dim = dim
+    def __init__(self, dim: int, kernel: Kernel):
+        self.dim, self.kernel = dim, kernel
         self._buckets: dict[int, _Bucket] = {}
         self._where: dict[str, tuple[_Bucket, int]] = {}
         self._by_doc: dict[str, set[str]] = {}
@@ -137,6 +155,12 @@ class Int8Pages:
         for key in list(self._by_doc.get(doc_id, ())):
             self.remove(key)
 
+    def prepare(self) -> None:
+        """Put every block in the kernel's form now, so that no search waits for it."""
+        for bucket in self._buckets.values():
+            for start in range(0, len(bucket.keys), bucket.block):
+                bucket.prepared(start, self.kernel)
+
     def best(
         self, query: np.ndarray, count: int, pool: ThreadPoolExecutor, allowed: set[str] | None = None
     ) -> list[str]:
@@ -147,7 +171,7 @@ class Int8Pages:
         scores = []
         for bucket in self._buckets.values():
             keys.extend(bucket.keys)
-            scores.append(bucket.scores(codes, scale, pool))
+            scores.append(bucket.scores(codes, scale, self.kernel, pool))
         if not keys:
             return []
         everything = torch.cat(scores)
@@ -173,9 +197,11 @@ class _Copy:
 class Searcher:
     """Search late-interaction collections: every page scored in memory, the best exactly."""
 
-    def __init__(self, store: MilvusStore, changes: PageChanges, threads: int = 1):
+    def __init__(self, store: MilvusStore, changes: PageChanges, threads: int = 1, kernel: str = "auto"):
         """`threads` scan at once, each running torch on one core: faster than torch's own threads
-        on the same cores (a search at 6k pages on 2 cores: 93 against 105 ms), so give torch one."""
+        on the same cores (a search at 6k pages on 2 cores: 93 against 105 ms), so give torch one.
+        `kernel`: a name of workers.search.kernels, or `auto` to time them here and take the fastest."""
+        self.kernel, self.kernel_timings = kernels.choose(kernel, BLOCK_TOKENS)
         self.store = store
         self.changes = changes
         self._copies: dict[str, _Copy] = {}
@@ -211,7 +237,7 @@ class Searcher:
             copy = self._current(collection)
             query = _checked(query, copy.pages.dim)
             allowed = self.store.matching_keys(collection, filter) if filter else None
-            candidates = copy.pages.best(query, top_k + RERANK_EXTRA, self._pool, allowed)
+            candidates = copy.pages.best(query, top_k + self.kernel.extra, self._pool, allowed)
         pages = self.store.fetch_pages(collection, candidates)
         if allowed is not None:  # a page written since the filter was read may pass it no more
             pages = [p for p in pages if p.key in allowed]
@@ -254,6 +280,7 @@ class Searcher:
                 copy.pages.remove(key)
             for page in fresh:
                 copy.pages.put(page)
+        copy.pages.prepare()
         copy.applied = changes[-1].id
         return copy
 
@@ -262,9 +289,10 @@ class Searcher:
         info = self.store.describe(collection, fresh=True)  # NotFound when there is none
         if info.kind != "multivector":
             raise InvalidRequest(f"collection {collection!r} holds {info.kind} vectors, not pages", "collection")
-        copy = _Copy(Int8Pages(info.dim), applied)
+        copy = _Copy(Int8Pages(info.dim, self.kernel), applied)
         for pages in self.store.iter_pages(collection, LOAD_BATCH):
             for page in pages:
                 copy.pages.put(page)
+        copy.pages.prepare()
         log.info("loaded %d pages of %s", len(copy.pages), collection)
         return copy
