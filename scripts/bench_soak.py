@@ -7,8 +7,9 @@ way (the stack starts it again on its append-only file). Models: MiniLM for text
 ColQwen2 (built by scripts/make_tiny_models.py) for pages, on the CPU.
 
 It prints a table for the README: requests sent and answered (200, 429, 503, other 5xx, hung:
-no answer within the client's 120 s), pages uploaded, stored and embedded twice (items embedded
-minus items sent, from /metrics), jobs ended and left open, and Redis memory at the start and
+no answer within the client's 120 s), pages uploaded, stored and embedded twice (pages embedded
+minus pages sent, from /metrics), online inputs run again (an online request whose worker was
+killed runs again elsewhere: at-least-once), jobs ended and left open, and Redis memory at the start and
 once the soak's jobs have expired (the soak runs with a job TTL of `--job-ttl` seconds).
 """
 
@@ -54,8 +55,9 @@ def children(pid: int) -> dict[int, str]:
     return found
 
 
-def metric(text: str, name: str) -> int:
-    return int(sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M)))
+def metric(text: str, name: str, modality: str) -> int:
+    pattern = rf'^{name}\{{[^}}]*modality="{modality}"[^}}]*\}} (\S+)$'
+    return int(sum(float(v) for v in re.findall(pattern, text, re.M)))
 
 
 class Soak:
@@ -63,6 +65,7 @@ class Soak:
         self.base, self.until = base, time.monotonic() + seconds
         self.answers: Counter[str] = Counter()
         self.jobs: list[str] = []
+        self.ended: set[str] = set()  # jobs seen ended (they expire a job TTL later)
         self.pages_uploaded = 0
         self.lock = threading.Lock()
 
@@ -111,6 +114,22 @@ class Soak:
         while self.running():
             self.call("POST", "/v1/collections/soak/search", json={"query": "page", "top_k": 3})
             time.sleep(2)
+
+    def open_jobs(self) -> list[str]:
+        with self.lock:
+            return [job for job in self.jobs if job not in self.ended]
+
+    def watch_jobs(self, until: float) -> None:
+        """Note each job's end as it happens, until `until` or every job has ended."""
+        while time.monotonic() < until and (self.running() or self.open_jobs()):
+            for job in self.open_jobs():
+                try:
+                    if httpx.get(f"{self.base}/v1/jobs/{job}", timeout=30).json().get("finished_at"):
+                        with self.lock:
+                            self.ended.add(job)
+                except (httpx.HTTPError, ValueError):
+                    pass
+            time.sleep(1)
 
     def streams(self, count: int) -> None:
         def follow(job_id: str) -> None:
@@ -183,6 +202,8 @@ def main() -> None:
 
         soak = Soak(base, args.minutes * 60)
         threads = [threading.Thread(target=soak.online, daemon=True) for _ in range(3)]
+        watcher = threading.Thread(target=soak.watch_jobs, args=(soak.until + 600,), daemon=True)
+        watcher.start()
         threads += [
             threading.Thread(target=soak.uploads, args=(args.upload_every,), daemon=True),
             threading.Thread(target=soak.searches, daemon=True),
@@ -208,10 +229,8 @@ def main() -> None:
         for thread in threads[:5]:
             thread.join(timeout=150)
 
-        open_jobs, deadline = list(soak.jobs), time.monotonic() + 600
-        while open_jobs and time.monotonic() < deadline:
-            open_jobs = [j for j in open_jobs if httpx.get(f"{base}/v1/jobs/{j}").json().get("finished_at") is None]
-            time.sleep(2)
+        watcher.join()
+        open_jobs = soak.open_jobs()
         after = httpx.get(f"{base}/metrics").text
         stored = httpx.get(f"{base}/v1/collections/soak").json()["count"]
         time.sleep(args.job_ttl + 10)  # the jobs expire
@@ -219,18 +238,23 @@ def main() -> None:
     finally:
         os.killpg(up.pid, signal.SIGINT)
         up.wait(timeout=60)
-    sent = metric(after, "embedq_items_sent_total") - metric(before, "embedq_items_sent_total")
-    embedded = metric(after, "embedq_items_embedded_total") - metric(before, "embedq_items_embedded_total")
+    twice = {
+        modality: sum(
+            sign * (metric(after, name, modality) - metric(before, name, modality))
+            for name, sign in (("embedq_items_embedded_total", 1), ("embedq_items_sent_total", -1))
+        )
+        for modality in ("image", "text")
+    }
     answers = soak.answers
     print(f"{args.minutes:g} min, workers SIGKILLed: {len(kills)} ({', '.join(kills)}), Redis SIGKILLed once")
     print(
         "| requests | 200 | 202 | 429 | 503 | other 5xx | hung | pages uploaded | pages stored | "
-        "items embedded twice | jobs ended | jobs left open | Redis memory start → end |"
+        "pages embedded twice | online inputs run again | jobs ended | jobs left open | Redis memory start → end |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print(
         f"| {sum(answers.values())} | {answers['200']} | {answers['202']} | {answers['429']} | {answers['503']} "
-        f"| {answers['5xx']} | {answers['hung']} | {soak.pages_uploaded} | {stored} | {embedded - sent} "
+        f"| {answers['5xx']} | {answers['hung']} | {soak.pages_uploaded} | {stored} | {twice['image']} | {twice['text']} "
         f"| {len(soak.jobs) - len(open_jobs)} | {len(open_jobs)} | {memory_start / 2**20:.1f} → {memory_end / 2**20:.1f} MiB |"
     )
     print(json.dumps({"answers": answers, "log": str(tmp / "up.log")}))

@@ -99,9 +99,12 @@ class Batcher:
         max_batch_size: int,
         modalities: Sequence[str] = ("text", "image"),
         dropped: Callable[[str], bool] = lambda tag: False,
+        counted: Callable[[str, int], None] = lambda modality, n: None,
     ):
+        """`counted(modality, n)` hears of every batch of `n` inputs computed, before their callers do."""
         self._run = run
         self._dropped = dropped
+        self._counted = counted
         self._token_budget = token_budget
         self._max_batch_size = max_batch_size
         self._queues: dict[str, deque[_Pending]] = {m: deque() for m in modalities}
@@ -109,7 +112,6 @@ class Batcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="embedq-batcher", daemon=True)
         self.stats = BatcherStats()
-        self.embedded: dict[str, int] = dict.fromkeys(modalities, 0)  # inputs computed, per modality
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -214,6 +216,6 @@ class Batcher:
             return
         self.stats.batches += 1
         self.stats.items += len(batch)
-        self.embedded[modality] += len(batch)
+        self._counted(modality, len(batch))
         for p, out in zip(batch, outputs):
             p.future.set_result(out)

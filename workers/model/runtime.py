@@ -2,14 +2,18 @@
 
 A worker serves one model on one device; `load_runtime` loads and warms the model before the
 worker consumes anything. Its heartbeat (workers.start) tells the API the worker is live and warm
-while the batcher runs, and publishes the batcher's counters with each beat.
+while the batcher runs, and publishes the batcher's counters with each beat. The inputs it computes
+are added to the service's totals (keys.ITEMS) batch by batch, so that a worker killed loses none
+of the count.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass
 
 import redis
 import torch
@@ -33,25 +37,42 @@ class Runtime:
     batcher: Batcher
     modalities: list[str]
     device: str
-    published: dict[str, int] = field(default_factory=dict)  # inputs embedded, as last added to keys.ITEMS
 
     def publish_stats(self, client: redis.Redis, worker: str, ttl_s: float) -> None:
-        """The batcher's counters, with this worker's model and device, in its `worker_stats` hash,
-        and the inputs it embedded since the last call added to the service's totals."""
+        """The batcher's counters, with this worker's model and device, in its `worker_stats` hash."""
         key = keys.worker_stats(worker)
-        embedded = dict(self.batcher.embedded)
         with client.pipeline() as pipe:
             pipe.hset(key, mapping={"model": self.spec.name, "device": self.device, **asdict(self.batcher.stats)})
             pipe.expire(key, ttl_s)
-            for modality, count in embedded.items():
-                if count > self.published.get(modality, 0):
-                    field_name = f"embedded:{self.spec.name}:{modality}"
-                    pipe.hincrby(keys.ITEMS, field_name, count - self.published.get(modality, 0))
             pipe.execute()
-        self.published = embedded
 
 
-def load_runtime(spec: ModelSpec, device: str, modalities: list[str], settings: Settings) -> Runtime:
+class EmbeddedCount:
+    """Adds each batch's inputs to the service's totals; what Redis did not take (it was away)
+    goes with the next batch."""
+
+    def __init__(self, client: redis.Redis, model: str):
+        self._client, self._model = client, model
+        self._pending: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, modality: str, n: int) -> None:
+        with self._lock:
+            self._pending[modality] += n
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for name, count in self._pending.items():
+                        pipe.hincrby(keys.ITEMS, f"embedded:{self._model}:{name}", count)
+                    pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("counting %d embedded inputs failed (%s); adding them with the next batch", n, exc)
+                return
+            self._pending.clear()
+
+
+def load_runtime(
+    spec: ModelSpec, device: str, modalities: list[str], settings: Settings, client: redis.Redis
+) -> Runtime:
     torch.set_num_threads(settings.cpu_threads)
     backend = create_backend(spec, device, settings)
     started = time.perf_counter()
@@ -65,6 +86,7 @@ def load_runtime(spec: ModelSpec, device: str, modalities: list[str], settings: 
         spec.max_batch_size,
         ("text", "image"),
         dropped=lambda tag: tag in state.revoked,
+        counted=EmbeddedCount(client, spec.name),
     )
     batcher.start()
     return Runtime(spec, backend, batcher, modalities, str(getattr(backend, "device", device)))
