@@ -22,6 +22,7 @@ class Body(BaseModel):
         return self
 
 
+MAX_POOL_FACTOR = 16  # a page of 736 tokens keeps 46 vectors at 16
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the model's vocabulary by its worker
 EmbeddingInput = str | list[str] | list[TokenId] | list[list[TokenId]]
 
@@ -98,6 +99,13 @@ class CollectionCreate(Body):
     )
     model: str = Field(
         description="A served model; late-interaction models make page collections, text models chunk collections."
+    )
+    pool_factor: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_POOL_FACTOR,
+        description="Page collections: store each page's token vectors pooled by this factor (colpali-engine's "
+        "HierarchicalTokenPooler; 3 keeps a third of them); 1 or absent: not pooled.",
     )
 
 

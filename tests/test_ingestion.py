@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 import torch
+from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
 from colpali_engine.models import ColQwen2Processor
 from PIL import Image, ImageDraw
 
@@ -23,6 +24,7 @@ from common.errors import InvalidRequest, NotFound
 from common.inputs.documents import render_pdf_pages
 from common.inputs.images import encode_png
 from common.launch import procs
+from common.store.milvus import MilvusStore, page_key
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM
@@ -45,6 +47,15 @@ def make_pdf(pages: int, seed: int = 0) -> bytes:
             draw.rectangle([x, y, x + 50, y + 40], fill=tuple(int(c) for c in rng.randint(0, 256, 3)))
         draw.text((20, 20), f"page {number + 1}", fill="black")
         images.append(image)
+    out = io.BytesIO()
+    images[0].save(out, format="PDF", save_all=True, append_images=images[1:], resolution=72)
+    return out.getvalue()
+
+
+def noise_pdf(pages: int, seed: int = 0) -> bytes:
+    """A PDF of pages of random pixels: no two patches alike, so no two token vectors alike."""
+    rng = np.random.RandomState(seed)
+    images = [Image.fromarray(rng.randint(0, 256, (400, 300, 3), dtype=np.uint8)) for _ in range(pages)]
     out = io.BytesIO()
     images[0].save(out, format="PDF", save_all=True, append_images=images[1:], resolution=72)
     return out.getvalue()
@@ -91,8 +102,8 @@ def ingest_api(ingest_env, logs):
     procs.stop([api, *children])
 
 
-def create_collection(base: str, name: str, model: str) -> dict:
-    response = httpx.post(f"{base}/v1/collections", json={"name": name, "model": model}, timeout=30)
+def create_collection(base: str, name: str, model: str, **options) -> dict:
+    response = httpx.post(f"{base}/v1/collections", json={"name": name, "model": model, **options}, timeout=30)
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -410,3 +421,103 @@ def test_the_ingestion_worker_beats(ingest_api, ingest_env):
     client = redis.Redis.from_url(ingest_env["EMBEDQ_REDIS_URL"])
     live = client.zrangebyscore(keys.INGEST_WORKERS_ALIVE, time.time() - 3, "+inf")
     assert [m for m in live if m.startswith(b"ingest@")]
+
+
+POOL_FACTOR = 3
+
+
+def stored_pages(env: dict[str, str], collection: str, doc_id: str, pages: int) -> dict[int, np.ndarray]:
+    """The token vectors Milvus holds for pages 1..`pages` of `doc_id`, by page."""
+    store = MilvusStore(env["EMBEDQ_MILVUS_URI"])
+    try:
+        found = store.fetch_pages(collection, [page_key(doc_id, page) for page in range(1, pages + 1)])
+    finally:
+        store.close()
+    return {record.page: record.vectors for record in found}
+
+
+@pytest.fixture(scope="module")
+def pooled_pages(ingest_api, ingest_env):
+    """A 2-page PDF stored in a page collection, then in one pooled by POOL_FACTOR: (unpooled,
+    pooled) stored vectors by page. Its 2 pages are one task (EMBEDQ_INGEST_PAGES_PER_TASK), so
+    one batch of the same 2 pages each time: the model gives both uploads the same vectors. Pages of
+    noise, as pages of flat colours give many equal token vectors, which pool without loss."""
+    base = ingest_api
+    assert create_collection(base, "unpooled", PAGES_MODEL)["pool_factor"] == 1
+    created = create_collection(base, "pooled", PAGES_MODEL, pool_factor=POOL_FACTOR)
+    assert created["kind"] == "multivector" and created["pool_factor"] == POOL_FACTOR
+    assert httpx.get(f"{base}/v1/collections/pooled").json()["pool_factor"] == POOL_FACTOR
+    pdf = noise_pdf(2, seed=8)
+    for name in ("unpooled", "pooled"):
+        job = upload(base, name, [("pooled.pdf", pdf, "application/pdf")], metadata=[{"doc_id": "deck"}])
+        assert wait_job(base, job["id"])["status"] == "completed"
+    return stored_pages(ingest_env, "unpooled", "deck", 2), stored_pages(ingest_env, "pooled", "deck", 2)
+
+
+def test_pooled_pages_are_the_token_poolers_output(pooled_pages):
+    unpooled, pooled = pooled_pages
+    assert sorted(unpooled) == sorted(pooled) == [1, 2]
+    pooler = HierarchicalTokenPooler()
+    for page, vectors in unpooled.items():
+        expected = pooler.pool_embeddings([torch.from_numpy(vectors.copy())], pool_factor=POOL_FACTOR)[0].numpy()
+        assert pooled[page].dtype == np.float16 and pooled[page].shape == expected.shape
+        np.testing.assert_allclose(pooled[page].astype(np.float32), expected.astype(np.float32), rtol=0, atol=1e-3)
+        # At most a third of the rows (the pooler's cluster bound), and not many fewer.
+        assert 0.9 * (len(vectors) // POOL_FACTOR) <= len(pooled[page]) <= len(vectors) // POOL_FACTOR
+
+
+def test_a_pooled_collection_is_searched_as_stored(ingest_api, ingest_env, pooled_pages):
+    """Search reads the pooled pages (not the unpooled ones), with the query's own, unpooled tokens."""
+    base = ingest_api
+    unpooled, pooled = pooled_pages
+    events = sse_events(base, upload(base, "pooled", [("more.pdf", make_pdf(3, seed=9), "application/pdf")])["id"])
+    assert events[-1][1] == "completed" and events[-1][2]["processed"] == 3
+    assert httpx.get(f"{base}/v1/collections/pooled").json()["count"] == 5
+
+    hits = httpx.post(
+        f"{base}/v1/collections/pooled/search", json={"query": "pooled figures", "top_k": 10}, timeout=30
+    ).json()["data"]
+    assert len(hits) == 5
+    query = httpx.post(f"{base}/v1/embeddings/text", json={"model": PAGES_MODEL, "input": "pooled figures"}).json()
+    query_vectors = torch.tensor(query["data"][0]["embedding"])
+    processor = ColQwen2Processor.from_pretrained(tiny_models_dir() / PAGES_MODEL)
+
+    def scores(pages: dict[int, np.ndarray]) -> list[float]:
+        documents = [torch.from_numpy(pages[page].astype(np.float32)) for page in sorted(pages)]
+        return processor.score_multi_vector([query_vectors], documents, batch_size=1)[0].tolist()
+
+    expected = dict(zip((1, 2), scores(pooled)))
+    found = {h["page"]: h["score"] for h in hits if h["doc_id"] == "deck"}
+    assert found == pytest.approx(expected, rel=1e-4)
+
+    # A page's own pooled vectors as the query: it scores one per vector, above every other page.
+    # Over its unpooled vectors the same query scores less (clusters of several tokens are their
+    # mean), so this fails if search read anything but the pooled rows.
+    client = EmbedqClient(ingest_env["EMBEDQ_REDIS_URL"])
+    try:
+        for page, vectors in pooled.items():
+            query = torch.from_numpy(vectors.astype(np.float32))
+            over_unpooled = processor.score_multi_vector(
+                [query], [torch.from_numpy(unpooled[page].astype(np.float32))], batch_size=1
+            )[0, 0].item()
+            assert over_unpooled < len(vectors) * (1 - 1e-2)
+            best = client.search_pages("pooled", query.numpy(), top_k=2, timeout=30)[0]
+            assert (best["doc_id"], best["page"]) == ("deck", page)
+            assert best["score"] == pytest.approx(len(vectors), rel=1e-3)
+    finally:
+        client.close()
+
+
+def test_pool_factor_errors(ingest_api):
+    base = ingest_api
+    for body, wanted in (
+        ({"name": "pooled_text", "model": MINILM, "pool_factor": 2}, "text collections"),
+        ({"name": "pooled_much", "model": PAGES_MODEL, "pool_factor": 17}, "16"),
+        ({"name": "pooled_none", "model": PAGES_MODEL, "pool_factor": 0}, "1"),
+    ):
+        response = httpx.post(f"{base}/v1/collections", json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "pool_factor"
+        assert wanted in error["message"]
+        assert httpx.get(f"{base}/v1/collections/{body['name']}").status_code == 404  # nothing was made

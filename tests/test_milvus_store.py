@@ -51,8 +51,12 @@ def test_create_describe_list_drop(store):
     assert store.create_collection("texts", "text", 384, "minilm") == info  # same binding: a no-op
     with pytest.raises(InvalidRequest):
         store.create_collection("texts", "text", 384, "bge-small")
-    store.create_collection("images", "multivector", DIM, "colqwen-test")
-    assert store.describe("images").kind == "multivector"
+    store.create_collection("images", "multivector", DIM, "colqwen-test", pool_factor=3)
+    described = store.describe("images", fresh=True)  # read back from Milvus' collection properties
+    assert (described.kind, described.pool_factor) == ("multivector", 3)
+    assert store.describe("texts", fresh=True).pool_factor == 1
+    with pytest.raises(InvalidRequest):  # the same model, pooled otherwise: another binding
+        store.create_collection("images", "multivector", DIM, "colqwen-test")
     assert {c.name for c in store.list_collections()} >= {"texts", "images"}
     assert store.has_collection("texts")
     store.drop_collection("texts")

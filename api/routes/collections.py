@@ -54,12 +54,19 @@ async def create_collection(
     body: CollectionCreate, registry: RegistryDep, dispatcher: DispatcherDep, store: StoreDep
 ) -> Response:
     spec = registry.get(body.model)
+    if body.pool_factor is not None and not spec.multivector:
+        raise InvalidRequest(
+            f"pool_factor pools the token vectors of pages; '{spec.name}' makes text collections "
+            "(one vector per chunk).",
+            "pool_factor",
+        )
     if await store.call("has_collection", body.name):
         raise InvalidRequest(f"A collection '{body.name}' already exists.", "name")
     # The model's own output says its width: no per-model dimension to keep in sync by hand.
     probe = await dispatcher.embed(spec.name, "text", [{"text": "dimension probe"}], output="pooled")
     kind = "multivector" if spec.multivector else "text"
-    await store.call("create_collection", body.name, kind, int(probe.arrays[0].shape[-1]), spec.name)
+    width = int(probe.arrays[0].shape[-1])
+    await store.call("create_collection", body.name, kind, width, spec.name, body.pool_factor or 1)
     return json_response(await _describe(store, body.name, with_count=True), 201)
 
 
@@ -172,6 +179,7 @@ async def upload_documents(
                 "index": index,
                 "collection": name,
                 "model": collection["model"],
+                "pool_factor": collection["pool_factor"],
                 "content_type": file.content_type,
             },
         )

@@ -1,7 +1,7 @@
 """The vector store: embedq's collections in Milvus (a Milvus Lite server by default, or any Milvus).
 
-Each collection is bound to one served model (its name, kind and dimension are collection
-properties) and is of one of two kinds:
+Each collection is bound to one served model (its name, kind, dimension and, for pages, token
+pool factor are collection properties) and is of one of two kinds:
 
 * ``text``: one row per chunk with its vector, searched by COSINE on an HNSW index.
 * ``multivector`` (late interaction): one row per page, holding the page's token vectors as
@@ -111,6 +111,7 @@ class CollectionInfo:
     kind: Kind
     model: str
     dim: int
+    pool_factor: int = 1  # pages: their token vectors are stored pooled by this factor (1: not pooled)
 
 
 PAGE_FIELDS = ["doc_id", "page", "filename", "metadata", "n_tokens", "tokens"]
@@ -131,7 +132,13 @@ def _pages(entities: list[dict]) -> list[PageRecord]:
 
 
 def _info(name: str, properties: dict[str, str]) -> CollectionInfo:
-    return CollectionInfo(name, properties["embedq.kind"], properties["embedq.model"], int(properties["embedq.dim"]))
+    return CollectionInfo(
+        name,
+        properties["embedq.kind"],
+        properties["embedq.model"],
+        int(properties["embedq.dim"]),
+        int(properties.get("embedq.pool_factor", "1")),  # collections made before pooling: 1
+    )
 
 
 def _layout(kind: Kind, dim: int) -> tuple[CollectionSchema, IndexParams]:
@@ -192,13 +199,19 @@ class MilvusStore:
 
     # Collections
 
-    def create_collection(self, name: str, kind: Kind, dim: int, model: str) -> CollectionInfo:
-        """Create `name` bound to `model`; a no-op when it exists with the same binding."""
-        wanted = CollectionInfo(name, kind, model, dim)
+    def create_collection(self, name: str, kind: Kind, dim: int, model: str, pool_factor: int = 1) -> CollectionInfo:
+        """Create `name` bound to `model` (and, for pages, to a token `pool_factor`, which its
+        writers apply); a no-op when it exists with the same binding."""
+        wanted = CollectionInfo(name, kind, model, dim, pool_factor)
         self._described.pop(name, None)
         if not self.client.has_collection(name):
             schema, index = _layout(kind, dim)
-            properties = {"embedq.kind": kind, "embedq.model": model, "embedq.dim": str(dim)}
+            properties = {
+                "embedq.kind": kind,
+                "embedq.model": model,
+                "embedq.dim": str(dim),
+                "embedq.pool_factor": str(pool_factor),
+            }
             try:
                 self.client.create_collection(
                     name,

@@ -42,19 +42,29 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 @shared_task(name=INGEST_TASK, bind=True, ignore_result=True)
-def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, content_type: str | None = None) -> None:
-    """Render or chunk one uploaded file and queue its batches. Redelivered because the worker
-    process running it died, it runs counted (common.delivery.crashes), and the file fails once
-    such runs reach EMBEDQ_MAX_DELIVERIES."""
+def ingest_file(
+    self,
+    *,
+    job_id: str,
+    index: int,
+    collection: str,
+    model: str,
+    content_type: str | None = None,
+    pool_factor: int = 1,
+) -> None:
+    """Render or chunk one uploaded file and queue its batches (`pool_factor`: the page
+    collection's, passed on to its page batches). Redelivered because the worker process running
+    it died, it runs counted (common.delivery.crashes), and the file fails once such runs reach
+    EMBEDQ_MAX_DELIVERIES."""
     proc = process.current()
     try:
         if not (self.request.delivery_info or {}).get("redelivered"):
-            _ingest(job_id, index, collection, model, content_type)
+            _ingest(job_id, index, collection, model, content_type, pool_factor)
         elif proc.crashes.exhausted(self.request.id):
             proc.jobs.abandon(job_id, index, proc.crashes.gave_up(self.request.id))
         else:
             with proc.crashes.running(self.request.id):
-                _ingest(job_id, index, collection, model, content_type)
+                _ingest(job_id, index, collection, model, content_type, pool_factor)
     finally:
         proc.ledger.done(job_id, self.request.id)
 
@@ -62,8 +72,8 @@ def ingest_file(self, *, job_id: str, index: int, collection: str, model: str, c
 class _File:
     """One file being queued: the units it has, and which of them are on their way."""
 
-    def __init__(self, jobs: JobStore, target: dict[str, Any]):
-        self.jobs, self.target = jobs, target
+    def __init__(self, jobs: JobStore, target: dict[str, Any], pool_factor: int):
+        self.jobs, self.target, self.pool_factor = jobs, target, pool_factor
         self.job_id, self.index = target["job_id"], target["index"]
         self.units: list[str] = []
         self.sent: set[str] = set()
@@ -80,6 +90,11 @@ class _File:
         process.current().ledger.send(self.job_id, task, {**self.target, **kwargs})
         self.sent.update(units)
 
+    def send_pages(self, pages: list[dict[str, Any]]) -> None:
+        """Queue a batch of pages, to be stored pooled by the collection's factor."""
+        units = [page_unit(self.index, p["page"]) for p in pages]
+        self.send(INDEX_PAGES_TASK, units, pages=pages, pool_factor=self.pool_factor)
+
     def unsent(self) -> list[str]:
         return [unit for unit in self.units if unit not in self.sent]
 
@@ -92,7 +107,7 @@ class _Cancelled(Exception):
     """The job was cancelled while its file was being queued."""
 
 
-def _ingest(job_id: str, index: int, collection: str, model: str, content_type: str | None) -> None:
+def _ingest(job_id: str, index: int, collection: str, model: str, content_type: str | None, pool_factor: int) -> None:
     settings = process.current().settings
     jobs = process.current().jobs
     info = jobs.file_info(job_id, index)
@@ -111,7 +126,7 @@ def _ingest(job_id: str, index: int, collection: str, model: str, content_type: 
         "filename": info["filename"],
         "metadata": info["metadata"],
     }
-    file = _File(jobs, target)
+    file = _File(jobs, target, pool_factor)
     try:
         kind = detect_kind(info["filename"], content_type, data[:8192])
         jobs.set_kind(job_id, index, kind)
@@ -145,8 +160,7 @@ def _queue_pdf(file: _File, data: bytes) -> None:
     file.total([page_unit(file.index, page) for page in range(1, total + 1)])
     rendered = render_pdf_pages(data, settings.pdf_dpi(total), settings.max_image_pixels)
     for batch in _batches(rendered, settings.ingest_pages_per_task):
-        pages = [_page_blob(file, page + 1, encode_png(image)) for page, image in batch]
-        file.send(INDEX_PAGES_TASK, [page_unit(file.index, p["page"]) for p in pages], pages=pages)
+        file.send_pages([_page_blob(file, page + 1, encode_png(image)) for page, image in batch])
 
 
 def _page_blob(file: _File, page: int, image: bytes) -> dict[str, Any]:
@@ -159,7 +173,7 @@ def _page_blob(file: _File, page: int, image: bytes) -> dict[str, Any]:
 def _queue_image(file: _File, data: bytes) -> None:
     load_image(data, process.current().settings.max_image_pixels)  # refuse a bad image here, as its file's error
     file.total([page_unit(file.index, 1)])
-    file.send(INDEX_PAGES_TASK, file.units, pages=[_page_blob(file, 1, data)])
+    file.send_pages([_page_blob(file, 1, data)])
 
 
 def _queue_text(file: _File, data: bytes, kind: str) -> None:

@@ -28,6 +28,7 @@ from common.vectors import pack
 from .. import process
 from ..backends.base import EmbedInput, Prepared, finalize
 from .batcher import Dropped, Origin
+from .pooling import pool_pages
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -173,9 +174,11 @@ def index_pages(
     filename: str,
     metadata: dict[str, Any],
     pages: list[dict[str, Any]],
+    pool_factor: int = 1,
 ) -> None:
     """Embed page images (`[{"page": int, "image": bytes}]`, or `{"page", "blob": key}` for an image in
-    the blob store) and store their token vectors; the page blobs go once the batch is counted."""
+    the blob store) and store their token vectors, pooled by `pool_factor` (the collection's; see
+    workers.model.pooling); the page blobs go once the batch is counted."""
     blobs = process.current().blobs
 
     def image(page: dict[str, Any]) -> bytes:
@@ -188,17 +191,12 @@ def index_pages(
 
     def write(source: Origin) -> None:
         arrays, _ = run_model(model, "image", [EmbedInput("image", image=image(p)) for p in pages], source)
+        vectors = [finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16) for a in arrays]
         process.current().store.upsert_pages(
             collection,
             [
-                PageRecord(
-                    doc_id=doc_id,
-                    page=p["page"],
-                    filename=filename,
-                    metadata=metadata,
-                    vectors=finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16),
-                )
-                for p, a in zip(pages, arrays)
+                PageRecord(doc_id=doc_id, page=p["page"], filename=filename, metadata=metadata, vectors=v)
+                for p, v in zip(pages, pool_pages(vectors, pool_factor))
             ],
         )
 
