@@ -58,7 +58,9 @@ class ModelList(BaseModel):
 class _LateInteractionOptions(Body):
     model: str
     output: Literal["pooled", "multivector"] = Field(
-        default="multivector", description="`pooled`: mean of the token vectors; `multivector`: the token vectors."
+        default="multivector",
+        description="`pooled`: one vector (the mean of the token vectors); `multivector`: the token vectors. "
+        "Unset: multivector where the model gives token vectors, pooled for single-vector (Bi*) models.",
     )
     normalize: bool = Field(default=True, description="L2-normalize the pooled vector (token vectors come normalized).")
     encoding_format: Literal["float", "base64"] = "float"

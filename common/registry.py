@@ -13,6 +13,15 @@ from .errors import ModelNotFound
 
 Modality = Literal["text", "image"]
 BACKENDS = ("text", "colpali")  # the families of workers.backends
+# The colpali backend's model classes named Bi* (BiQwen2_5, BiPali, ...) give one pooled vector per
+# input, its Col* ones token vectors: colpali-engine names them so, and the backend's family table
+# (workers.backends.colpali.FAMILIES) says the same (a test checks). Known here without torch.
+SINGLE_VECTOR_PREFIX = "Bi"
+
+
+def single_vector_class(model_class: str | None) -> bool:
+    """Whether the colpali-engine class `model_class` gives one vector per input (a Bi* model)."""
+    return bool(model_class) and model_class.startswith(SINGLE_VECTOR_PREFIX)
 
 
 class ModelSpec(BaseModel):
@@ -38,7 +47,8 @@ class ModelSpec(BaseModel):
     modalities: list[Modality] = Field(default_factory=lambda: ["text"])
     # late-interaction (colpali backend) only
     model_class: str | None = None
-    late_interaction: bool | None = None  # token vectors per input; default: true for the colpali backend
+    # token vectors per input; default: true for the colpali backend's Col* classes, false for its Bi* ones
+    late_interaction: bool | None = None
     quantization: Literal["none", "8bit", "4bit"] = "none"
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     max_num_visual_tokens: int = 768
@@ -50,6 +60,8 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model {self.name}: backend must be one of {sorted(BACKENDS)} or module:function")
         if self.backend == "colpali" and not self.model_class:
             raise ValueError(f"model {self.name}: the colpali backend needs model_class")
+        if self.backend == "colpali" and self.late_interaction and single_vector_class(self.model_class):
+            raise ValueError(f"model {self.name}: {self.model_class} gives one vector per input, not token vectors")
         if self.query_instruction and self.query_prompt:
             raise ValueError(f"model {self.name}: set query_instruction or query_prompt, not both")
         return self
@@ -62,7 +74,9 @@ class ModelSpec(BaseModel):
 
     @property
     def multivector(self) -> bool:
-        return self.backend == "colpali" if self.late_interaction is None else self.late_interaction
+        if self.late_interaction is not None:
+            return self.late_interaction
+        return self.backend == "colpali" and not single_vector_class(self.model_class)
 
     def resolved_path(self) -> str:
         if self.path.startswith("python:"):

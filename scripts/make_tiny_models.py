@@ -6,7 +6,10 @@ seeded, so a rebuild gives the same model. The whole set is a few MB and builds 
 
     python scripts/make_tiny_models.py OUT_DIR [--only colqwen2 qwen3_embed ...]
 
-Late-interaction families: colqwen2, colqwen2_5, colmodernvbert, colpali, colidefics3.
+Visual retrievers, one per colpali-engine class the colpali backend serves (its `FAMILIES`):
+late-interaction colqwen2, colqwen2_5, colqwen3, colqwen3_5, colmodernvbert, colpali, colidefics3,
+colgemma3, and their single-vector twins biqwen2, biqwen2_5, biqwen3, biqwen3_5, bimodernvbert,
+bipali, biidefics3, bigemma3 (the same architecture without the projection, pooled in its forward).
 Text, each also laid out for sentence-transformers with its query prompt: qwen3_embed (a Qwen3Model
 with last-token pooling, as Qwen3-Embedding) and bert_cls (a BertModel with CLS pooling, as BGE).
 """
@@ -32,6 +35,8 @@ from tokenizers import processors  # noqa: E402
 from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 from transformers import Qwen2Tokenizer  # noqa: E402
 
+from workers.backends.colpali import colpali_classes  # noqa: E402
+
 SEED = 0
 # The query prompts of Qwen3-Embedding's and BGE's sentence-transformers configs.
 QWEN3_TASK = "Given a web search query, retrieve relevant passages that answer the query"
@@ -46,6 +51,13 @@ QWEN_SPECIALS = "<|im_start|> <|im_end|> <|vision_start|> <|vision_end|> <|visio
 IDEFICS3_SPECIALS = " ".join(
     ["<|im_start|> <|begin_of_text|> <fake_token_around_image> <image> <global-img> <end_of_utterance> <pad>"]
     + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+)
+GEMMA3_SPECIALS = "<start_of_turn> <end_of_turn> <start_of_image> <end_of_image> <image_soft_token>"
+# Gemma3's chat template, cut to what colpali-engine's Gemma3 processors use: user turns of text and images.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
 )
 
 
@@ -62,19 +74,17 @@ def vocab_size(tokenizer) -> int:
     return (len(tokenizer) + 63) // 64 * 64
 
 
-def build_colqwen(out: Path, version: str) -> None:
+def build_colqwen(out: Path, model_class: str) -> None:
+    """Qwen2-VL and Qwen2.5-VL: ColQwen2, ColQwen2_5, BiQwen2, BiQwen2_5."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    if version == "2":
-        from colpali_engine.models import ColQwen2 as model_cls
-        from colpali_engine.models import ColQwen2Processor as processor_cls
+    model_cls, processor_cls = colpali_classes(model_class)
+    if not model_class.endswith("Qwen2_5"):
         from transformers import Qwen2VLConfig as config_cls
 
         # Qwen2-VL's patch merger projects to `hidden_size`: it must be the text hidden size.
         vision = dict(depth=1, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2)
     else:
-        from colpali_engine.models import ColQwen2_5 as model_cls
-        from colpali_engine.models import ColQwen2_5_Processor as processor_cls
         from transformers import Qwen2_5_VLConfig as config_cls
 
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56)
@@ -106,18 +116,56 @@ def build_colqwen(out: Path, version: str) -> None:
     model_cls(config).save_pretrained(out)
 
 
-def build_idefics3_style(out: Path, family: str) -> None:
+def build_colqwen3(out: Path, model_class: str) -> None:
+    """Qwen3-VL and Qwen3.5: ColQwen3, ColQwen3_5, BiQwen3, BiQwen3_5. Both take Qwen3-VL's processor
+    (16 px patches, so 32x32 px per visual token after the 2x2 merge); Qwen3.5's text model mixes
+    linear-attention (Gated DeltaNet) layers with full-attention ones, one of each here."""
+    from transformers import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    model_cls, processor_cls = colpali_classes(model_class)
+    tokenizer = byte_tokenizer(QWEN_SPECIALS)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS.split()}
+    # 4 to 64 tokens a page, normalised to [-1, 1] as Qwen3-VL's own preprocessor config does.
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16, min_pixels=4 * 32 * 32, max_pixels=64 * 32 * 32, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor_cls(image_processor, tokenizer, video_processor=Qwen3VLVideoProcessor()).save_pretrained(out)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16)
+    # a learned 8x8 grid of position embeddings, interpolated to each page's patch grid
+    vision.update(out_hidden_size=TEXT["hidden_size"], num_position_embeddings=64)
+    text = dict(**TEXT, head_dim=16, vocab_size=vocab_size(tokenizer), bos_token_id=None)
+    text.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # interleaved multimodal RoPE over (time, height, width): its sections add up to the rotary frequencies
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_interleaved": True}
+    if model_class.endswith("Qwen3_5"):
+        text.update(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2)
+        text.update(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_value_heads=4)
+        rope.update(partial_rotary_factor=0.5, mrope_section=[2, 1, 1])  # 8 of 16 dims rotate: 4 frequencies
+    else:
+        vision.update(deepstack_visual_indexes=[0])  # the first block's features also feed the first text layer
+        rope.update(mrope_section=[2, 3, 3])
+    config = model_cls.config_class(
+        text_config=dict(text, rope_parameters=rope),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model_cls(config).save_pretrained(out)
+
+
+def build_idefics3_style(out: Path, model_class: str) -> None:
+    """Idefics3 and ModernVBert: ColIdefics3, ColModernVBert, BiIdefics3, BiModernVBert."""
     from transformers import Idefics3ImageProcessor
 
-    if family == "colmodernvbert":
-        from colpali_engine.models import ColModernVBert as model_cls
-        from colpali_engine.models import ColModernVBertProcessor as processor_cls
+    model_cls, processor_cls = colpali_classes(model_class)
+    if model_class.endswith("ModernVBert"):
         from transformers import ModernVBertConfig as config_cls
 
         bos, scale_key = "<|begin_of_text|>", "pixel_shuffle_factor"
     else:
-        from colpali_engine.models import ColIdefics3 as model_cls
-        from colpali_engine.models import ColIdefics3Processor as processor_cls
         from transformers import Idefics3Config as config_cls
 
         bos, scale_key = "<|im_start|>", "scale_factor"
@@ -138,7 +186,7 @@ def build_idefics3_style(out: Path, family: str) -> None:
         size={"longest_edge": 2 * VISION["image_size"]}, max_image_size={"longest_edge": VISION["image_size"]}
     )
     processor_cls(image_processor, tokenizer, image_seq_len=image_seq_len).save_pretrained(out)
-    if family == "colmodernvbert":
+    if model_class.endswith("ModernVBert"):
         text = dict(model_type="modernbert", **TEXT, **token_ids)
         text.pop("num_key_value_heads")
         text.update(cls_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.eos_token_id)
@@ -155,17 +203,18 @@ def build_idefics3_style(out: Path, family: str) -> None:
     model_cls(config).save_pretrained(out)
 
 
-def build_colpali(out: Path) -> None:
-    from colpali_engine.models import ColPali, ColPaliProcessor
+def build_colpali(out: Path, model_class: str) -> None:
+    """PaliGemma: ColPali, BiPali."""
     from transformers import PaliGemmaConfig, SiglipImageProcessor
 
+    model_cls, processor_cls = colpali_classes(model_class)
     tokenizer = byte_tokenizer("<image>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     n_image_tokens = (VISION["image_size"] // VISION["patch_size"]) ** 2
     image_processor = SiglipImageProcessor(
         size={"height": VISION["image_size"], "width": VISION["image_size"]}, image_seq_length=n_image_tokens
     )
     # PaliGemma's processor adds 1152 <loc…>/<seg…> tokens: build it first to size the vocabulary.
-    processor = ColPaliProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(out)
     size = vocab_size(tokenizer)
     text = dict(model_type="gemma", **TEXT, head_dim=16, vocab_size=size, pad_token_id=tokenizer.pad_token_id)
@@ -178,7 +227,46 @@ def build_colpali(out: Path) -> None:
         vocab_size=size,
         image_token_index=processor.image_token_id,
     )
-    ColPali(config).save_pretrained(out)
+    model_cls(config).save_pretrained(out)
+
+
+def build_colgemma3(out: Path, model_class: str) -> None:
+    """Gemma3: ColGemma3, BiGemma3. Every page is resized to one 32 px square: 16 SigLIP patches,
+    average-pooled to 4 image tokens (Gemma3's processor gives each image a fixed number)."""
+    from transformers import Gemma3Config, Gemma3ImageProcessor
+
+    model_cls, processor_cls = colpali_classes(model_class)
+    tokenizer = byte_tokenizer(
+        GEMMA3_SPECIALS,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        # Gemma3's processor reads these named tokens from its tokenizer
+        boi_token="<start_of_image>",
+        eoi_token="<end_of_image>",
+        image_token="<image_soft_token>",
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+    )
+    size = VISION["image_size"]
+    image_processor = Gemma3ImageProcessor(
+        size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    tokens_per_image = 4
+    processor_cls(image_processor, tokenizer, image_seq_length=tokens_per_image).save_pretrained(out)
+    text = dict(**TEXT, head_dim=16, query_pre_attn_scalar=16, vocab_size=vocab_size(tokenizer))
+    # one sliding-window layer (a window shorter than a page's prompt) and one global layer
+    text.update(layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    text.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = Gemma3Config(
+        text_config=dict(text, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(model_type="siglip_vision_model", **VISION),
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    model_cls(config).save_pretrained(out)
 
 
 def build_qwen3_embed(out: Path) -> None:
@@ -237,11 +325,22 @@ def save_sentence_transformer(out: Path, pooling_mode: str, query_prompt: str) -
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "colqwen2": lambda out: build_colqwen(out, "2"),
-    "colqwen2_5": lambda out: build_colqwen(out, "2.5"),
-    "colmodernvbert": lambda out: build_idefics3_style(out, "colmodernvbert"),
-    "colidefics3": lambda out: build_idefics3_style(out, "colidefics3"),
-    "colpali": build_colpali,
+    "colqwen2": lambda out: build_colqwen(out, "ColQwen2"),
+    "colqwen2_5": lambda out: build_colqwen(out, "ColQwen2_5"),
+    "colqwen3": lambda out: build_colqwen3(out, "ColQwen3"),
+    "colqwen3_5": lambda out: build_colqwen3(out, "ColQwen3_5"),
+    "colmodernvbert": lambda out: build_idefics3_style(out, "ColModernVBert"),
+    "colidefics3": lambda out: build_idefics3_style(out, "ColIdefics3"),
+    "colpali": lambda out: build_colpali(out, "ColPali"),
+    "colgemma3": lambda out: build_colgemma3(out, "ColGemma3"),
+    "biqwen2": lambda out: build_colqwen(out, "BiQwen2"),
+    "biqwen2_5": lambda out: build_colqwen(out, "BiQwen2_5"),
+    "biqwen3": lambda out: build_colqwen3(out, "BiQwen3"),
+    "biqwen3_5": lambda out: build_colqwen3(out, "BiQwen3_5"),
+    "bimodernvbert": lambda out: build_idefics3_style(out, "BiModernVBert"),
+    "biidefics3": lambda out: build_idefics3_style(out, "BiIdefics3"),
+    "bipali": lambda out: build_colpali(out, "BiPali"),
+    "bigemma3": lambda out: build_colgemma3(out, "BiGemma3"),
     "qwen3_embed": build_qwen3_embed,
     "bert_cls": build_bert_cls,
 }

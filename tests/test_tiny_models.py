@@ -44,7 +44,8 @@ def test_builds_are_deterministic_and_skipped_once_done(tmp_path):
 
 def test_the_set_is_complete_and_small():
     root = tiny_models_dir()
-    names = {"colqwen2", "colqwen2_5", "colmodernvbert", "colpali", "colidefics3", "qwen3_embed", "bert_cls"}
+    visual = ["qwen2", "qwen2_5", "qwen3", "qwen3_5", "modernvbert", "pali", "idefics3", "gemma3"]
+    names = {f"{kind}{family}" for kind in ("col", "bi") for family in visual} | {"qwen3_embed", "bert_cls"}
     assert all((root / name / "config.json").is_file() for name in names)
     size = sum(f.stat().st_size for name in names for f in (root / name).rglob("*") if f.is_file())
     assert size < 20e6

@@ -22,10 +22,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 def model_class_for(checkpoint: Path) -> str:
-    """The colpali-engine class for a checkpoint, from the `model_type` of its config."""
+    """The colpali-engine late-interaction (Col*) class for a checkpoint, from the `model_type` of its
+    config. A Bi* model shares its Col* twin's `model_type`, so it is never chosen here."""
     model_type = json.loads((Path(checkpoint) / "config.json").read_text())["model_type"]
-    for model_class, (_, family_type) in FAMILIES.items():
-        if family_type == model_type:
+    for model_class, family in FAMILIES.items():
+        if family.model_type == model_type and not family.single_vector:
             return model_class
     raise ValueError(f"{checkpoint}: no late-interaction family for model_type {model_type!r}")
 

@@ -23,9 +23,14 @@ from ..schemas import ImageEmbeddingRequest, TextEmbeddingRequest, _LateInteract
 router = APIRouter(prefix="/v1/embeddings", tags=["late-interaction"], dependencies=Authorized)
 
 
-def _check_output(spec: ModelSpec, output: str) -> None:
-    if output == "multivector" and not spec.multivector:
+def _output(spec: ModelSpec, options: _LateInteractionOptions) -> str:
+    """The output asked for; a request that does not say gets token vectors where the model has them
+    and its one vector per input where it has not (a single-vector Bi* model)."""
+    if "output" not in options.model_fields_set:
+        return "multivector" if spec.multivector else "pooled"
+    if options.output == "multivector" and not spec.multivector:
         raise InvalidRequest(f"The model '{spec.name}' gives one vector per input; use output 'pooled'.", "output")
+    return options.output
 
 
 async def _embed(
@@ -37,13 +42,13 @@ async def _embed(
     options: _LateInteractionOptions,
     **extra: Any,
 ) -> Response:
-    _check_output(spec, options.output)
+    output = _output(spec, options)
     result = await dispatcher.embed(
         spec.name,
         modality,
         inputs,
         gone,
-        output=options.output,
+        output=output,
         normalize=options.normalize,
         dtype=options.dtype,
         **extra,

@@ -1,35 +1,47 @@
-"""Late-interaction backend: ColQwen2, ColQwen2.5, ColPali, ColIdefics3 and ColModernVBert through
-colpali-engine, returning one `(n_tokens, dim)` float32 array of token vectors per input.
+"""Late-interaction and single-vector visual retrievers through colpali-engine: the Col* families
+(ColQwen2, ColQwen2.5, ColQwen3, ColQwen3.5, ColPali, ColIdefics3, ColModernVBert, ColGemma3)
+return one `(n_tokens, dim)` float32 array of token vectors per input, the Bi* families (BiQwen2,
+BiQwen2.5, BiQwen3, BiQwen3.5, BiPali, BiIdefics3, BiModernVBert, BiGemma3) one `(dim,)` vector.
 
 `prepare` does all the CPU work for one input with the model's own processor: queries go through
-`process_queries` (query prefix + 10 augmentation tokens, as colpali-engine trains them), text
-documents through `process_texts` (no augmentation, as its training collator feeds text
-passages), images through `process_images`. `embed` pads those per-input features into one batch
-exactly as the processor pads a batch (tokens on the tokenizer's side, pixels with zeros), runs
-one forward pass, and keeps the rows the attention mask marks valid. Vectors come out
-L2-normalised per token, as the model makes them; pooling is the shared post-processor's job.
+`process_queries` (query prefix + 10 augmentation tokens, as colpali-engine trains them; the Gemma3
+processors put the query in a chat turn as "Query: ...", ColGemma3's with no augmentation), text
+documents through `process_texts` (no augmentation, as its training collator feeds text passages),
+images through `process_images`. `embed` pads those per-input features into one batch exactly as
+the processor pads a batch (tokens on the tokenizer's side, pixels with zeros) and runs one forward
+pass. A Col* model's output keeps the rows the attention mask marks valid, L2-normalised per token
+as the model makes them (pooling is the shared post-processor's job); a Bi* model pools and
+normalises in its own forward (last token for the decoders, the mean over the mask for BiPali and
+BiModernVBert).
 
 Visual tokens per page are bounded by `spec.max_num_visual_tokens`:
-- Qwen2-VL style (ColQwen2, ColQwen2.5): one token per 28x28 px after the 2x2 merge, so the
-  image processor's max pixels (`size["longest_edge"]`) is set to `max_num_visual_tokens * 28 * 28`,
-  as colpali-engine's own `max_num_visual_tokens` argument does; larger pages are scaled down.
-- Idefics3 style (ColIdefics3, ColModernVBert): a page is scaled to a longest edge, cut into
-  square tiles of `image_seq_len` tokens, plus one global tile. The longest edge is lowered (never
-  raised: these processors upscale every page to it) to `k` tiles, the most with
-  `(k*k + 1) * image_seq_len` tokens within the bound, or to one tile (no split) when none fits.
-- PaliGemma (ColPali): every page is a fixed number of tokens set by the checkpoint; loading
-  fails with a clear message when that number is over the bound.
+- Qwen2-VL style (ColQwen2, ColQwen2.5, ColQwen3, ColQwen3.5 and their Bi* twins): one token per
+  `patch_size * merge_size` square after the 2x2 merge (28 px for Qwen2/2.5, 32 px for Qwen3/3.5),
+  so the image processor's max pixels (`size["longest_edge"]`) is set to
+  `max_num_visual_tokens * (patch_size * merge_size)**2`, as colpali-engine's own
+  `max_num_visual_tokens` argument does; larger pages are scaled down.
+- Idefics3 style (ColIdefics3, ColModernVBert, BiIdefics3, BiModernVBert): a page is scaled to a
+  longest edge, cut into square tiles of `image_seq_len` tokens, plus one global tile. The longest
+  edge is lowered (never raised: these processors upscale every page to it) to `k` tiles, the most
+  with `(k*k + 1) * image_seq_len` tokens within the bound, or to one tile (no split) when none fits.
+- PaliGemma and Gemma3 (ColPali, ColGemma3, BiPali, BiGemma3): every page is resized to one fixed
+  square and gives a fixed number of tokens set by the checkpoint (`image_seq_length`; Gemma3's
+  pan-and-scan crops stay off, colpali-engine's processor never asks for them, and its
+  `max_num_visual_tokens` argument changes nothing there); loading fails with a clear message when
+  that number is over the bound.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,14 +56,43 @@ from common.settings import Settings
 from .base import EmbedInput, Prepared
 from .device import load_options, oom_as_out_of_memory, resolve_device
 
-# colpali-engine model class -> (its processor class, the `model_type` of its checkpoints)
+
+@dataclass(frozen=True)
+class Family:
+    """What the backend needs to know of one colpali-engine model class."""
+
+    processor: str  # its processor class in colpali_engine.models
+    model_type: str  # the `model_type` of its checkpoints' config
+    single_vector: bool = False  # one pooled, normalised vector per input (Bi*), not token vectors (Col*)
+    # `key_mapping` for from_pretrained where the class's own default fails: unless given one, BiQwen2,
+    # BiQwen2_5 and BiGemma3 read their base class's `_checkpoint_conversion_mapping`, which
+    # transformers 5 dropped (it applies those renames by model_type, whatever mapping is passed).
+    key_mapping: dict[str, str] | None = None
+
+
+# colpali-engine model class -> its family. Adding one is a row here and a tiny checkpoint builder in
+# scripts/make_tiny_models.py; `common.registry.single_vector_class` must agree on `single_vector`.
 FAMILIES = {
-    "ColQwen2": ("ColQwen2Processor", "qwen2_vl"),
-    "ColQwen2_5": ("ColQwen2_5_Processor", "qwen2_5_vl"),
-    "ColPali": ("ColPaliProcessor", "paligemma"),
-    "ColIdefics3": ("ColIdefics3Processor", "idefics3"),
-    "ColModernVBert": ("ColModernVBertProcessor", "modernvbert"),
+    "ColQwen2": Family("ColQwen2Processor", "qwen2_vl"),
+    "ColQwen2_5": Family("ColQwen2_5_Processor", "qwen2_5_vl"),
+    "ColQwen3": Family("ColQwen3Processor", "qwen3_vl"),
+    "ColQwen3_5": Family("ColQwen3_5Processor", "qwen3_5"),
+    "ColPali": Family("ColPaliProcessor", "paligemma"),
+    "ColIdefics3": Family("ColIdefics3Processor", "idefics3"),
+    "ColModernVBert": Family("ColModernVBertProcessor", "modernvbert"),
+    "ColGemma3": Family("ColGemmaProcessor3", "gemma3"),
+    "BiQwen2": Family("BiQwen2Processor", "qwen2_vl", single_vector=True, key_mapping={}),
+    "BiQwen2_5": Family("BiQwen2_5_Processor", "qwen2_5_vl", single_vector=True, key_mapping={}),
+    "BiQwen3": Family("BiQwen3Processor", "qwen3_vl", single_vector=True),
+    "BiQwen3_5": Family("BiQwen3_5Processor", "qwen3_5", single_vector=True),
+    # BiPaliProcessor only renames ColPaliProcessor, and with transformers 5 its `(*args, **kwargs)`
+    # signature hides its tokenizer and image processor from `from_pretrained`: it loads neither.
+    "BiPali": Family("ColPaliProcessor", "paligemma", single_vector=True),
+    "BiIdefics3": Family("BiIdefics3Processor", "idefics3", single_vector=True),
+    "BiModernVBert": Family("BiModernVBertProcessor", "modernvbert", single_vector=True),
+    "BiGemma3": Family("BiGemmaProcessor3", "gemma3", single_vector=True, key_mapping={}),
 }
+
 # Per-token features, padded on the tokenizer's side; every other feature is padded with zeros
 # after its end along dimension 1 (patches of Qwen, tiles of Idefics3).
 _TOKEN_FEATURES = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
@@ -60,10 +101,35 @@ _TOKEN_FEATURES = {"input_ids", "attention_mask", "mm_token_type_ids", "token_ty
 def colpali_classes(model_class: str) -> tuple[type, type]:
     """The colpali-engine model and processor classes called `model_class`."""
     if model_class not in FAMILIES:
-        raise ValueError(f"unknown late-interaction model_class {model_class!r}; known: {sorted(FAMILIES)}")
+        raise ValueError(f"unknown colpali model_class {model_class!r}; known: {sorted(FAMILIES)}")
     import colpali_engine.models as models
 
-    return getattr(models, model_class), getattr(models, FAMILIES[model_class][0])
+    return getattr(models, model_class), getattr(models, FAMILIES[model_class].processor)
+
+
+def load_model(model_class: str, path: str, **options):
+    """`model_class.from_pretrained(path, **options)`, with the family's own loading arguments."""
+    model_cls, _ = colpali_classes(model_class)
+    family = FAMILIES[model_class]
+    if family.key_mapping is not None:
+        options = {"key_mapping": dict(family.key_mapping), **options}
+    return model_cls.from_pretrained(path, **options)
+
+
+def visual_token_ids(processor) -> list[int]:
+    """The ids of the tokens that stand for image patches. Gemma3's processor calls its
+    begin-of-image token `image_token_id`; `image_token_ids` names the patch tokens for every family."""
+    return list(getattr(processor, "image_token_ids", None) or [processor.image_token_id])
+
+
+def output_dim(model) -> int:
+    """The width of the model's vectors: a Col* model's projection `dim`, else (Bi*) its text hidden
+    size, cut to the Matryoshka `embedding_dim` its forward defaults to (BiGemma3: 2560)."""
+    if getattr(model, "dim", None):
+        return model.dim
+    width = model.config.get_text_config().hidden_size
+    cut = inspect.signature(model.forward).parameters.get("embedding_dim")
+    return min(width, cut.default) if cut is not None and isinstance(cut.default, int) else width
 
 
 def bound_visual_tokens(processor, max_tokens: int) -> None:
@@ -82,7 +148,7 @@ def bound_visual_tokens(processor, max_tokens: int) -> None:
         per_side = math.isqrt(tiles - 1) if tiles >= 5 else 1
         longest = per_side * image_processor.max_image_size["longest_edge"]
         image_processor.size["longest_edge"] = min(image_processor.size["longest_edge"], longest)
-    elif processor.image_seq_length > max_tokens:  # PaliGemma: fixed per checkpoint
+    elif processor.image_seq_length > max_tokens:  # PaliGemma, Gemma3: fixed per checkpoint
         raise ValueError(
             f"this model gives every page {processor.image_seq_length} visual tokens, over "
             f"max_num_visual_tokens={max_tokens}; raise max_num_visual_tokens"
@@ -115,15 +181,18 @@ class ColpaliBackend:
         # processor let that many task threads preprocess pages while the device runs a batch.
         self._processors: queue.Queue | None = None
         self._processors_lock = threading.Lock()
+        self.single_vector = False
         self.dim = 0
 
     def load(self) -> None:
-        model_cls, processor_cls = colpali_classes(self.spec.model_class)
+        _, processor_cls = colpali_classes(self.spec.model_class)
+        self.single_vector = FAMILIES[self.spec.model_class].single_vector
         path = self.spec.resolved_path()
-        self.model = model_cls.from_pretrained(path, **self.options).eval()
+        self.model = load_model(self.spec.model_class, path, **self.options).eval()
         self.processor = processor_cls.from_pretrained(path)
         bound_visual_tokens(self.processor, self.spec.max_num_visual_tokens)
-        self.dim = self.model.dim
+        self._visual_token_ids = visual_token_ids(self.processor)
+        self.dim = output_dim(self.model)
 
     def _processor_pool(self) -> queue.Queue:
         """`self.processor` and copies of it, one per CPU thread, made on first use."""
@@ -159,7 +228,7 @@ class ColpaliBackend:
             image = load_image(item.image, self.settings.max_image_pixels)
             with self._borrow_processor() as processor:
                 features = processor.process_images([image])
-            n_tokens = int((features["input_ids"] == self.processor.image_token_id).sum())
+            n_tokens = int(np.isin(features["input_ids"].numpy(), self._visual_token_ids).sum())
         else:
             with self._borrow_processor() as processor:
                 features = self._process_text(processor, item)
@@ -212,6 +281,8 @@ class ColpaliBackend:
         with torch.inference_mode(), oom_as_out_of_memory():
             inputs = self.model_inputs(batch)
             vectors = self.model(**inputs)
+            if self.single_vector:  # (batch, dim), pooled and normalised by the model
+                return list(vectors.float().cpu().numpy())
             # Select by mask first: with SDPA, left-padded rows can be NaN rather than zero.
             mask = inputs["attention_mask"].bool()
             rows = vectors[mask].float().cpu().numpy()
