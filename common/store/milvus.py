@@ -1,9 +1,11 @@
 """The vector store: embedq's collections in Milvus (a Milvus Lite server by default, or any Milvus).
 
 Each collection is bound to one served model (its name, kind, dimension and, for pages, token
-pool factor are collection properties) and is of one of two kinds:
+pool factor are collection properties) and is of one of three kinds:
 
 * ``text``: one row per chunk with its vector, searched by COSINE on an HNSW index.
+* ``pages`` (single-vector visual models, the Bi* family): one row per page with its vector,
+  searched by Milvus alike.
 * ``multivector`` (late interaction): one row per page, holding the page's token vectors as
   float16 bytes, base64 in an ARRAY of VARCHAR parts (each part under Milvus' 65,535-byte VARCHAR
   limit), and its mean token vector in ``vector`` (Milvus wants a vector field in every
@@ -41,7 +43,7 @@ from ..errors import InvalidRequest, NotFound
 from .changes import PageChanges
 from .limits import FILENAME_MAX, ID_MAX, VARCHAR_MAX
 
-Kind = Literal["multivector", "text"]
+Kind = Literal["multivector", "pages", "text"]
 
 # milvus-lite gives query iterators no MVCC timestamp, so pymilvus warns on each one that it uses
 # the client's clock instead: the same "everything written so far" that Strong consistency reads.
@@ -152,6 +154,11 @@ def _layout(kind: Kind, dim: int) -> tuple[CollectionSchema, IndexParams]:
     schema.add_field("metadata", DataType.JSON)
     index = MilvusClient.prepare_index_params()
     index.add_index("doc_id", index_type="INVERTED")
+    if kind == "pages":
+        schema.add_field("page", DataType.INT64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        index.add_index("vector", index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200})
+        return schema, index
     if kind == "text":
         schema.add_field("chunk", DataType.INT64)
         schema.add_field("text", DataType.VARCHAR, max_length=VARCHAR_MAX)
@@ -306,22 +313,28 @@ class MilvusStore:
 
     # Writes
 
-    def _expect(self, name: str, kind: Kind) -> CollectionInfo:
+    def _expect(self, name: str, *kinds: Kind) -> CollectionInfo:
         info = self.describe(name)
-        if info.kind != kind:
-            raise InvalidRequest(f"collection {name!r} holds {info.kind} vectors, not {kind}", param="collection")
+        if info.kind not in kinds:
+            raise InvalidRequest(
+                f"collection {name!r} holds {info.kind} vectors, not {' or '.join(kinds)}", param="collection"
+            )
         return info
 
-    def _write(self, name: str, kind: Kind, rows_for: Callable[[CollectionInfo], list[dict]]) -> list[dict]:
+    def _write(
+        self, name: str, kinds: tuple[Kind, ...], rows_for: Callable[[CollectionInfo], list[dict]]
+    ) -> list[dict]:
         """Upsert the rows `rows_for` builds for the collection's description, riding out an
         outage of up to `outage_s`."""
-        return self._riding_out(self._write_once, name, kind, rows_for)
+        return self._riding_out(self._write_once, name, kinds, rows_for)
 
-    def _write_once(self, name: str, kind: Kind, rows_for: Callable[[CollectionInfo], list[dict]]) -> list[dict]:
+    def _write_once(
+        self, name: str, kinds: tuple[Kind, ...], rows_for: Callable[[CollectionInfo], list[dict]]
+    ) -> list[dict]:
         """A write that fails is tried once more on a fresh description: the one read before may be
         of a collection dropped (and made again) since."""
         for attempt in range(2):
-            rows = rows_for(self._expect(name, kind))
+            rows = rows_for(self._expect(name, *kinds))
             try:
                 for start in range(0, len(rows), WRITE_BATCH):
                     self.client.upsert(name, rows[start : start + WRITE_BATCH])
@@ -345,7 +358,16 @@ class MilvusStore:
         return {"pk": page_key(doc_id, index), "doc_id": doc_id, "filename": filename, "metadata": metadata}
 
     def upsert_pages(self, name: str, pages: list[PageRecord]) -> None:
+        """Store pages: their token vectors (`(n, dim)`) in a multivector collection, or one vector
+        (`(dim,)`) each in a pages collection."""
+
         def rows_for(info: CollectionInfo) -> list[dict]:
+            if info.kind == "pages":
+                return [
+                    self._common_fields(page.doc_id, page.page, page.filename, page.metadata)
+                    | {"page": page.page, "vector": self._vectors(page.vectors, info.dim, False, "vector")}
+                    for page in pages
+                ]
             rows = []
             for page in pages:
                 tokens = self._vectors(page.vectors, info.dim, True, "vectors").astype("<f2")
@@ -369,8 +391,8 @@ class MilvusStore:
                 )
             return rows
 
-        rows = self._write(name, "multivector", rows_for)
-        if self.changes:
+        rows = self._write(name, ("multivector", "pages"), rows_for)
+        if self.changes and self.describe(name).kind == "multivector":  # only page copies follow a feed
             self.changes.upserted(name, [row["pk"] for row in rows])
 
     def upsert_chunks(self, name: str, chunks: list[ChunkRecord]) -> None:
@@ -385,7 +407,7 @@ class MilvusStore:
                 )
             return rows
 
-        self._write(name, "text", rows_for)
+        self._write(name, ("text",), rows_for)
 
     # Reads of pages (for the search workers' copies) and searches of chunks
 
@@ -422,19 +444,33 @@ class MilvusStore:
             iterator.close()
         return keys
 
-    def search_text(self, name: str, vector: np.ndarray, top_k: int = 10, filter: str | None = None) -> list[Hit]:
-        info = self._expect(name, "text")
+    def _search(
+        self, name: str, kind: Kind, vector: np.ndarray, top_k: int, filter: str | None, fields: list[str]
+    ) -> list[dict]:
+        """Milvus' HNSW search of a one-vector-per-row collection: its hits, best first."""
+        info = self._expect(name, kind)
         vector = self._vectors(vector, info.dim, False, "vector").astype(np.float32)
-        found = self._loaded(
+        return self._loaded(
             name,
             self.client.search,
             data=[vector],
             anns_field="vector",
             limit=top_k,
             filter=filter or "",
-            output_fields=["doc_id", "chunk", "filename", "metadata", "text"],
+            output_fields=fields,
             search_params={"metric_type": "COSINE", "params": {"ef": max(64, top_k)}},
         )[0]
+
+    def search_page_vectors(
+        self, name: str, vector: np.ndarray, top_k: int = 10, filter: str | None = None
+    ) -> list[dict]:
+        """The best pages of a pages collection: `[{doc_id, filename, page, score, metadata}]`."""
+        fields = ["doc_id", "page", "filename", "metadata"]
+        found = self._search(name, "pages", vector, top_k, filter, fields)
+        return [{**{key: h["entity"][key] for key in fields}, "score": float(h["distance"])} for h in found]
+
+    def search_text(self, name: str, vector: np.ndarray, top_k: int = 10, filter: str | None = None) -> list[Hit]:
+        found = self._search(name, "text", vector, top_k, filter, ["doc_id", "chunk", "filename", "metadata", "text"])
         return [
             Hit(
                 doc_id=e["doc_id"],

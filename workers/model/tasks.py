@@ -178,7 +178,8 @@ def index_pages(
 ) -> None:
     """Embed page images (`[{"page": int, "image": bytes}]`, or `{"page", "blob": key}` for an image in
     the blob store) and store their token vectors, pooled by `pool_factor` (the collection's; see
-    workers.model.pooling); the page blobs go once the batch is counted."""
+    workers.model.pooling), or a single-vector model's one vector per page; the page blobs go once
+    the batch is counted."""
     blobs = process.current().blobs
 
     def image(page: dict[str, Any]) -> bytes:
@@ -191,12 +192,16 @@ def index_pages(
 
     def write(source: Origin) -> None:
         arrays, _ = run_model(model, "image", [EmbedInput("image", image=image(p)) for p in pages], source)
-        vectors = [finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16) for a in arrays]
+        if process.current().runtime.spec.multivector:
+            vectors = [finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16) for a in arrays]
+            vectors = pool_pages(vectors, pool_factor)
+        else:  # a single-vector model: one vector per page
+            vectors = [finalize(a, pooled=True, normalize=True, dimensions=None) for a in arrays]
         process.current().store.upsert_pages(
             collection,
             [
                 PageRecord(doc_id=doc_id, page=p["page"], filename=filename, metadata=metadata, vectors=v)
-                for p, v in zip(pages, pool_pages(vectors, pool_factor))
+                for p, v in zip(pages, vectors)
             ],
         )
 
