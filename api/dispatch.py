@@ -23,10 +23,12 @@ from celery import Celery
 from redis import RedisError
 
 from common import keys
-from common.contract import EMBED_TASK, SEARCH_QUEUE, SEARCH_TASK, embed_kwargs, embed_queue, search_kwargs
+from common.contract import EMBED_TASK, SEARCH_TASK, embed_kwargs, embed_queue, search_kwargs, search_queue
 from common.delivery.heartbeat import live_workers
+from common.delivery.lost import queue_lists
 from common.errors import QueueFull, ServiceUnavailable
 from common.settings import Settings
+from common.shards import plan
 from common.vectors import unpack
 
 from .results import Gone, ResultWaiter
@@ -44,6 +46,7 @@ class Embedded:
 
 
 CAPACITY_TTL_S = 0.1
+SEARCHER_CHECK_S = 0.5  # how soon a search notices that a search worker it waits on has stopped
 FLUSH_S = 1.0  # how often the count of inputs sent is added to Redis
 
 
@@ -132,9 +135,46 @@ class Dispatcher:
         self._sent[(model, modality)] += len(inputs)
         return Embedded(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs, gone))
 
+    async def _live_searchers(self) -> set[str]:
+        members = await live_workers(self._client, keys.SEARCH_WORKERS_ALIVE, self._settings.worker_heartbeat_ttl_s)
+        return {member.decode() for member in members}
+
     async def search_pages(
         self, collection: str, query: np.ndarray, top_k: int, filter: str | None, gone: Gone | None = None
     ) -> list[dict[str, Any]]:
-        """The `top_k` pages of a late-interaction collection by exact MaxSim (a search worker's answer)."""
-        await self._check(SEARCH_QUEUE, keys.SEARCH_WORKERS_ALIVE, "page search")
-        return await self._call(SEARCH_TASK, SEARCH_QUEUE, search_kwargs(collection, query, top_k, filter), gone)
+        """The `top_k` pages of a late-interaction collection by exact MaxSim: one search per live
+        search worker, each over the shards it owns (common.shards), merged. A worker that stops
+        mid-search makes it a 503 naming its shards, never an answer from the others alone."""
+        shards = self._settings.search_shards
+        by_worker = plan(shards, await self._live_searchers())
+        if not by_worker:
+            raise ServiceUnavailable("No worker is serving page search right now; try again later.")
+        calls = {
+            worker: asyncio.ensure_future(
+                self._call(
+                    SEARCH_TASK,
+                    search_queue(worker),
+                    search_kwargs(collection, query, top_k, filter, owned, worker),
+                    gone,
+                )
+            )
+            for worker, owned in by_worker.items()
+        }
+        try:
+            while not all(call.done() for call in calls.values()):
+                await asyncio.wait(calls.values(), timeout=SEARCHER_CHECK_S, return_when=asyncio.FIRST_EXCEPTION)
+                if any(call.done() and call.exception() for call in calls.values()):
+                    break
+                stopped = {w for w, call in calls.items() if not call.done()} - await self._live_searchers()
+                if stopped:
+                    await self._client.delete(*(q for w in stopped for q in queue_lists(search_queue(w))))
+                    missing = sorted(shard for w in stopped for shard in by_worker[w])
+                    raise ServiceUnavailable(
+                        f"The search worker holding shards {missing} of {shards} stopped during this search; "
+                        "try again (another worker takes them over)."
+                    )
+            hits = [hit for call in calls.values() for hit in call.result()]
+        finally:
+            for call in calls.values():
+                call.cancel()
+        return sorted(hits, key=lambda hit: -hit["score"])[:top_k]

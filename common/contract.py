@@ -34,16 +34,34 @@ def embed_kwargs(model: str, modality: str, inputs: list[dict[str, Any]], **opti
     return {"model": model, "modality": modality, "inputs": inputs, **options}
 
 
-def search_kwargs(collection: str, query: np.ndarray, top_k: int, filter: str | None) -> dict[str, Any]:
-    """The arguments of SEARCH_TASK: the query's (n_tokens, dim) vectors as little-endian float32 bytes."""
+def search_queue(worker: str | None = None) -> str:
+    """`search.pages`, which any search worker takes, or `search.pages.<worker>`, that worker's own."""
+    return SEARCH_QUEUE if worker is None else f"{SEARCH_QUEUE}.{worker}"
+
+
+def search_kwargs(
+    collection: str,
+    query: np.ndarray,
+    top_k: int,
+    filter: str | None,
+    shards: list[int] | None = None,
+    worker: str | None = None,
+) -> dict[str, Any]:
+    """The arguments of SEARCH_TASK: the query's (n_tokens, dim) vectors as little-endian float32
+    bytes; `shards` to search (default: all, common.shards), `worker` to route it to (default: any)."""
     query = np.ascontiguousarray(query, "<f4")
-    return {
+    kwargs = {
         "collection": collection,
         "query": query.tobytes(),
         "dim": int(query.shape[-1]),
         "top_k": top_k,
         "filter": filter,
     }
+    if shards is not None:
+        kwargs["shards"] = shards
+    if worker is not None:
+        kwargs["worker"] = worker
+    return kwargs
 
 
 def task_items(name: str, kwargs: dict[str, Any]) -> int:
@@ -65,7 +83,7 @@ def task_queue(name: str, kwargs: dict[str, Any]) -> str | None:
     if name == INGEST_TASK:
         return INGEST_QUEUE
     if name == SEARCH_TASK:
-        return SEARCH_QUEUE
+        return search_queue(kwargs.get("worker"))
     return None
 
 

@@ -36,7 +36,7 @@ def workers_serving(queue: str) -> str:
     """The heartbeat set of the workers that consume `queue` (a queue of common.contract)."""
     if queue == INGEST_QUEUE:
         return INGEST_WORKERS_ALIVE
-    if queue == SEARCH_QUEUE:
+    if queue == SEARCH_QUEUE or queue.startswith(f"{SEARCH_QUEUE}."):
         return SEARCH_WORKERS_ALIVE
     return workers_alive(*embed_queue_parts(queue))
 

@@ -13,6 +13,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ram_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EMBEDQ_", extra="ignore")
 
@@ -48,6 +52,10 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(default_factory=lambda: os.cpu_count() or 1)
     # How a search worker's page scan multiplies (workers.search.kernels): auto times each at start-up.
     scan_kernel: Literal["auto", "int8", "fbgemm", "float32"] = "auto"
+    # Page collections are split in this many shards over the live search workers (common.shards).
+    search_shards: int = Field(default=1, gt=0, le=1024)
+    # The most a search worker's pages may take; a load past it is refused (default: half the RAM).
+    search_memory_gb: float = Field(default_factory=lambda: _ram_gb() / 2, gt=0)
     worker_concurrency: int = 64
     # A live worker renews the messages it holds with each heartbeat (common.delivery.leases), so
     # this bounds only how long a dead worker's messages wait before they run elsewhere. Shorter

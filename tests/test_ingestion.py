@@ -24,6 +24,7 @@ from common.errors import InvalidRequest, NotFound
 from common.inputs.documents import render_pdf_pages
 from common.inputs.images import encode_png
 from common.launch import procs
+from common.shards import plan
 from common.store.milvus import MilvusStore, page_key
 from tests.tiny_models import tiny_models_dir
 
@@ -33,6 +34,7 @@ from .stack import spawn, start_api, start_search_worker, start_worker
 PAGES_MODEL = "colqwen2"
 IDLE_MODEL = "colqwen2-idle"  # configured, but its worker starts only inside a test
 KILL_MODEL = "colqwen2-kill"
+SHARDS = 4  # page collections here are sharded; one search worker holds them all until a test adds one
 SINGLE_VECTOR = {"biqwen2_5": "BiQwen2_5", "bimodernvbert": "BiModernVBert"}  # tiny checkpoint -> class
 
 
@@ -91,6 +93,7 @@ def ingest_env(stack_env, tmp_path_factory):
         "EMBEDQ_CHUNK_SIZE": "200",
         "EMBEDQ_CHUNK_OVERLAP": "40",
         "EMBEDQ_LOST_TASK_CHECK_S": "1",
+        "EMBEDQ_SEARCH_SHARDS": str(SHARDS),
     }
 
 
@@ -575,3 +578,60 @@ def test_a_single_vector_model_stores_one_vector_per_page_searched_by_milvus(sin
     assert [h["page"] for h in hits] == (np.argsort(-expected) + 1).tolist()
     np.testing.assert_allclose([h["score"] for h in hits], np.sort(expected)[::-1], atol=1e-4)
     assert all(h["doc_id"] == "deck" and h["filename"] == "deck.pdf" for h in hits)
+
+
+def search_answers(base: str, collection: str, queries: list[str]) -> list[list[tuple[str, int, float]]]:
+    answers = []
+    for query in queries:
+        response = httpx.post(
+            f"{base}/v1/collections/{collection}/search", json={"query": query, "top_k": 5}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        answers.append([(h["doc_id"], h["page"], h["score"]) for h in response.json()["data"]])
+    return answers
+
+
+def same_answers(ours: list, theirs: list) -> bool:
+    return all(
+        [(d, p) for d, p, _ in a] == [(d, p) for d, p, _ in b]
+        and np.allclose([s for *_, s in a], [s for *_, s in b], rtol=1e-5)
+        for a, b in zip(ours, theirs, strict=True)
+    )
+
+
+def test_two_search_workers_answer_as_one_and_a_killed_one_never_gives_a_partial_answer(ingest_api, ingest_env, logs):
+    base = ingest_api
+    create_collection(base, "sharded", PAGES_MODEL)
+    files = [(f"s{i}.pdf", make_pdf(4, seed=20 + i), "application/pdf") for i in range(3)]
+    assert wait_job(base, upload(base, "sharded", files)["id"])["status"] == "completed"
+    queries = ["page 1", "page 3 revenue", "a chart", "quarterly totals"]
+    alone = search_answers(base, "sharded", queries)
+    assert all(len(answer) == 5 for answer in alone)
+
+    second = start_search_worker(ingest_env, logs / "search-worker-2.log")
+    try:
+        client = redis.Redis.from_url(ingest_env["EMBEDQ_REDIS_URL"])
+        live = [m.decode() for m in client.zrange(keys.SEARCH_WORKERS_ALIVE, 0, -1)]
+        assert len(plan(SHARDS, live)) == 2  # the shards are split between the two
+        assert same_answers(search_answers(base, "sharded", queries), alone)
+
+        # SIGKILL the second worker while searches run: each answer is whole, or a 503.
+        outcomes: list[int] = []
+        deadline = time.monotonic() + 60
+        second.send_signal(signal.SIGKILL)
+        while time.monotonic() < deadline:
+            response = httpx.post(
+                f"{base}/v1/collections/sharded/search", json={"query": queries[1], "top_k": 5}, timeout=60
+            )
+            outcomes.append(response.status_code)
+            if response.status_code == 200:
+                got = [(h["doc_id"], h["page"], h["score"]) for h in response.json()["data"]]
+                assert same_answers([got], [alone[1]])
+                if 503 in outcomes:
+                    break  # the first worker took the shards over
+            else:
+                assert response.status_code == 503, response.text
+                assert "shards" in response.json()["error"]["message"]
+        assert outcomes[-1] == 200 and 503 in outcomes, outcomes
+    finally:
+        procs.stop([second])

@@ -13,10 +13,11 @@ from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 
 from common import keys
 from common.errors import InvalidRequest, NotFound
+from common.shards import shard_of
 from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord
 from workers.search import kernels
-from workers.search.scan import Int8Pages, Searcher
+from workers.search.scan import Int8Pages, OverBudget, Searcher
 
 from .pages import DIM, make_pages, page_collection, unit
 
@@ -144,10 +145,10 @@ def test_catching_up_applies_changes_without_a_search(searcher, writer, pages, r
     assert searcher.held()["pages"] == 60
     writer.upsert_pages("pages", make_pages(rng, 2, first=20))
     writer.delete_document("pages", "doc-0")
-    searcher.catch_up()
+    searcher.rebalance(searcher.owned)
     assert searcher.held()["pages"] == 63
     writer.drop_collection("pages")
-    searcher.catch_up()
+    searcher.rebalance(searcher.owned)
     assert "pages" not in searcher.held()  # its memory is let go
     writer.create_collection("pages", "multivector", DIM, "colqwen-test")  # for the fixture's drop
 
@@ -224,3 +225,36 @@ def test_every_kernel_gives_the_exact_product_of_the_codes(name, rng):
     # fbgemm quantizes the query again, to 7 bits: about 1% of the largest product
     tolerance = 0.02 if name == "fbgemm" else 0
     assert ((got - exact).abs().max() / exact.abs().max()).item() <= tolerance
+
+
+def test_shards_split_the_pages_and_together_answer_as_the_whole(milvus_uri, changes, pages, rng):
+    store = MilvusStore(milvus_uri)
+    try:
+        sharded = Searcher(store, changes, threads=2, shards=4)
+        whole = Searcher(store, changes, threads=2)
+        sharded.rebalance({0, 1})  # holds nothing yet: rebalance loads only collections held
+        for query in [query_from(pages[7], rng), unit(rng.standard_normal((20, DIM)))]:
+            expected = whole.search("pages", query, top_k=10)
+            parts = [sharded.search("pages", query, top_k=10, shards=[shard]) for shard in range(4)]
+            for shard, part in enumerate(parts):
+                assert all(shard_of(f"{h['doc_id']}#{h['page']}", 4) == shard for h in part)
+            merged = sorted((hit for part in parts for hit in part), key=lambda h: -h["score"])[:10]
+            assert ranked(merged) == ranked(expected)
+        assert len(sharded.search("pages", query, top_k=1000, shards=[0, 2])) < len(pages)
+        sharded.rebalance({0})
+        assert sharded.held()["pages"] == len(pages)  # unowned shards stay while searches ask for them
+        with pytest.raises(InvalidRequest):
+            sharded.search("pages", query, shards=[4])
+    finally:
+        store.close()
+
+
+def test_a_load_past_the_memory_budget_is_refused(milvus_uri, changes, pages, rng):
+    store = MilvusStore(milvus_uri)
+    try:
+        small = Searcher(store, changes, shards=2, memory_bytes=10_000)
+        with pytest.raises(OverBudget, match="EMBEDQ_SEARCH_MEMORY_GB"):
+            small.search("pages", query_from(pages[0], rng))
+        assert small.held() == {}  # nothing half-loaded
+    finally:
+        store.close()

@@ -22,12 +22,13 @@ from celery import signals
 from redis import RedisError
 
 from common import keys
-from common.contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue, task_items
+from common.contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue, search_queue, task_items
 from common.delivery.gate import FetchGate
 from common.delivery.heartbeat import Heartbeat, live_workers
 from common.jobs.watch import JobWatch
 from common.registry import load_registry
 from common.settings import get_settings
+from common.shards import plan
 
 from . import process
 
@@ -143,10 +144,28 @@ def search_worker() -> None:
     settings = get_settings()
     torch.set_num_threads(1)  # the searcher's own threads share the cores out (workers.search.scan)
     proc = process.start(settings, "search")
-    proc.searcher = Searcher(proc.store, proc.store.changes, settings.cpu_threads, settings.scan_kernel)
+    proc.searcher = Searcher(
+        proc.store,
+        proc.store.changes,
+        settings.cpu_threads,
+        settings.scan_kernel,
+        settings.search_shards,
+        int(settings.search_memory_gb * 2**30),
+    )
+    proc.searcher.owned = _owned_shards(proc)
     proc.searcher.preload()
     threading.Thread(target=_follow_collections, args=(proc,), name="embedq-catch-up", daemon=True).start()
-    _consume(proc, [SEARCH_QUEUE], "solo", 1, [keys.SEARCH_WORKERS_ALIVE], extra=lambda: _publish_search_stats(proc))
+    queues = [SEARCH_QUEUE, search_queue(proc.name)]
+    _consume(proc, queues, "solo", 1, [keys.SEARCH_WORKERS_ALIVE], extra=lambda: _publish_search_stats(proc))
+
+
+def _owned_shards(proc: process.Process) -> set[int]:
+    """The shards this search worker owns among the live ones (itself counted, live or not yet)."""
+    live = [
+        name.decode()
+        for name in live_workers(proc.redis, keys.SEARCH_WORKERS_ALIVE, proc.settings.worker_heartbeat_ttl_s)
+    ]
+    return set(plan(proc.settings.search_shards, [*live, proc.name]).get(proc.name, []))
 
 
 def _publish_search_stats(proc: process.Process) -> None:
@@ -166,15 +185,16 @@ def _publish_search_stats(proc: process.Process) -> None:
 
 
 def _follow_collections(proc: process.Process) -> None:
-    """Catch up with the collections every second, and say what was applied, so that the change
-    feeds are trimmed once every live search worker has applied them."""
+    """Every second: hold the shards owned here (workers joining or leaving move them), catch up
+    with the collections, and say what was applied, so that the change feeds are trimmed once every
+    live search worker has applied them."""
     from pymilvus import MilvusException
 
     ttl = proc.settings.worker_heartbeat_ttl_s
     while True:
         time.sleep(CATCH_UP_S)
         try:
-            proc.searcher.catch_up()
+            proc.searcher.rebalance(_owned_shards(proc))
             live = [name.decode() for name in live_workers(proc.redis, keys.SEARCH_WORKERS_ALIVE, ttl)]
             for collection, entry_id in proc.searcher.applied().items():
                 proc.searcher.changes.applied(collection, proc.name, entry_id, live)

@@ -27,6 +27,7 @@ class Int8:
 
     name = "int8"
     extra = 8  # pages scored exactly beyond top_k (workers.search.scan)
+    bytes_per_code = 1  # memory held per int8 code, the kernel's own form included
 
     def prepare(self, block: torch.Tensor) -> Any:
         return block.T
@@ -40,6 +41,7 @@ class Float32:
 
     name = "float32"
     extra = 8
+    bytes_per_code = 1
 
     def prepare(self, block: torch.Tensor) -> Any:
         return block
@@ -55,6 +57,7 @@ class Fbgemm:
 
     name = "fbgemm"
     extra = 24
+    bytes_per_code = 2  # the codes, and the same again packed
 
     def prepare(self, block: torch.Tensor) -> Any:
         weights = torch._make_per_tensor_quantized_tensor(block.contiguous(), 1.0, 0)

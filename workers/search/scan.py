@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import InvalidRequest, NotFound
+from common.errors import InvalidRequest, NotFound, ServiceUnavailable
+from common.shards import shard_of
 from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord
 from common.vectors import maxsim
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 49_152  # tokens per int8 product: its int32 output (4 MB for 20 query tokens) stays in cache
 LOAD_BATCH = 64  # pages per read from Milvus (about 16 MB for pages of 736 tokens)
+ABANDON_S = 30.0  # a shard no longer owned here goes once no search asked for it for this long
 
 
 def _quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -133,6 +136,10 @@ class Int8Pages:
     def __len__(self) -> int:
         return len(self._where)
 
+    def nbytes(self) -> int:
+        """Memory the codes take, with the kernel's own form of them."""
+        return sum(bucket.codes.numel() for bucket in self._buckets.values()) * self.kernel.bytes_per_code
+
     def put(self, page: PageRecord) -> None:
         self.remove(page.key)
         codes, scale = _quantize(torch.from_numpy(np.asarray(page.vectors, np.float32)))
@@ -190,54 +197,111 @@ def _checked(query: np.ndarray, dim: int) -> np.ndarray:
 
 @dataclass
 class _Copy:
-    pages: Int8Pages
+    dim: int
     applied: str  # the last change feed entry applied
+    shards: dict[int, Int8Pages] = field(default_factory=dict)  # the shards held here
+    asked: dict[int, float] = field(default_factory=dict)  # shard -> when a search last asked for it
+
+    def __len__(self) -> int:
+        return sum(len(pages) for pages in self.shards.values())
+
+    def nbytes(self) -> int:
+        return sum(pages.nbytes() for pages in self.shards.values())
+
+
+class OverBudget(ServiceUnavailable):
+    """The pages asked for do not fit this search worker's memory budget."""
 
 
 class Searcher:
-    """Search late-interaction collections: every page scored in memory, the best exactly."""
+    """Search late-interaction collections: every page of the shards held here scored in memory,
+    the best exactly. A page's shard is `common.shards.shard_of(key, shards)`; which shards a
+    worker holds follows from the live search workers (`rebalance`), and a search asking for a
+    shard not held here loads it first."""
 
-    def __init__(self, store: MilvusStore, changes: PageChanges, threads: int = 1, kernel: str = "auto"):
+    def __init__(
+        self,
+        store: MilvusStore,
+        changes: PageChanges,
+        threads: int = 1,
+        kernel: str = "auto",
+        shards: int = 1,
+        memory_bytes: int | None = None,
+    ):
         """`threads` scan at once, each running torch on one core: faster than torch's own threads
         on the same cores (a search at 6k pages on 2 cores: 93 against 105 ms), so give torch one.
-        `kernel`: a name of workers.search.kernels, or `auto` to time them here and take the fastest."""
+        `kernel`: a name of workers.search.kernels, or `auto` to time them here and take the fastest.
+        `memory_bytes`: the most the pages held here may take; a load past it is refused."""
         self.kernel, self.kernel_timings = kernels.choose(kernel, BLOCK_TOKENS)
         self.store = store
         self.changes = changes
+        self.shards = shards
+        self.memory_bytes = memory_bytes
+        self.owned: set[int] = set(range(shards))  # until told otherwise (rebalance)
         self._copies: dict[str, _Copy] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="embedq-scan")
 
     def preload(self) -> None:
-        """Load every late-interaction collection, so first searches do not wait for it."""
+        """Load the owned shards of every late-interaction collection, so first searches do not wait."""
         for info in self.store.list_collections():
             if info.kind == "multivector":
                 with self._lock:
-                    self._current(info.name)
+                    self._current(info.name, self.owned)
 
     def held(self) -> dict[str, int]:
         """Pages held here, per collection."""
-        return {name: len(copy.pages) for name, copy in self._copies.items()}
+        return {name: len(copy) for name, copy in list(self._copies.items())}
+
+    def nbytes(self) -> int:
+        return sum(copy.nbytes() for copy in list(self._copies.values()))
 
     def applied(self) -> dict[str, str]:
         """The last change feed entry applied, per collection held here."""
         return {name: copy.applied for name, copy in list(self._copies.items())}
 
-    def catch_up(self) -> None:
-        """Apply the changes waiting for every collection held here. The search worker does it
-        every second, so a search seldom waits for the pages of a large job, and the memory of a
-        dropped collection goes."""
+    def rebalance(self, owned: set[int]) -> None:
+        """Hold the shards `owned` of every collection held here: load those missing, let go of the
+        others once no search has asked for them for ABANDON_S, and apply the changes waiting. The
+        search worker does it every second, so a search seldom waits for the pages of a large job,
+        and the memory of a dropped collection goes."""
+        self.owned = owned
+        now = time.monotonic()
         for name in list(self._copies):
-            with self._lock, contextlib.suppress(NotFound):  # dropped: _current let its copy go
-                self._current(name)
+            with self._lock, contextlib.suppress(NotFound):
+                copy = self._copies.get(name)
+                if copy is None:
+                    continue
+                for shard in set(copy.shards) - owned:
+                    if now - copy.asked.get(shard, 0.0) > ABANDON_S:
+                        del copy.shards[shard]
+                        log.info("let go of shard %d of %s", shard, name)
+                self._current(name, owned)
 
-    def search(self, collection: str, query: np.ndarray, top_k: int = 10, filter: str | None = None) -> list[dict]:
-        """The `top_k` pages by exact MaxSim: `[{doc_id, filename, page, score, metadata}]`, best first."""
+    def search(
+        self,
+        collection: str,
+        query: np.ndarray,
+        top_k: int = 10,
+        filter: str | None = None,
+        shards: list[int] | None = None,
+    ) -> list[dict]:
+        """The `top_k` pages of `shards` (default: all) by exact MaxSim: `[{doc_id, filename, page,
+        score, metadata}]`, best first."""
+        wanted = set(range(self.shards)) if shards is None else set(shards)
+        if not wanted <= set(range(self.shards)):
+            raise InvalidRequest(f"shards must be in [0, {self.shards}), not {sorted(wanted)}", "shards")
         with self._lock:
-            copy = self._current(collection)
-            query = _checked(query, copy.pages.dim)
+            copy = self._current(collection, wanted)
+            now = time.monotonic()
+            copy.asked.update(dict.fromkeys(wanted, now))
+            query = _checked(query, copy.dim)
             allowed = self.store.matching_keys(collection, filter) if filter else None
-            candidates = copy.pages.best(query, top_k + self.kernel.extra, self._pool, allowed)
+            candidates = [
+                key
+                for shard in sorted(wanted)
+                for key in copy.shards[shard].best(query, top_k + self.kernel.extra, self._pool, allowed)
+            ]
         pages = self.store.fetch_pages(collection, candidates)
         if allowed is not None:  # a page written since the filter was read may pass it no more
             pages = [p for p in pages if p.key in allowed]
@@ -254,11 +318,18 @@ class Searcher:
             for i in order
         ]
 
-    def _current(self, collection: str) -> _Copy:
-        """The copy of `collection`, loaded if new here, with every change since applied."""
+    def _current(self, collection: str, shards: set[int]) -> _Copy:
+        """The copy of `collection` holding at least `shards`, with every change since applied."""
         copy = self._copies.get(collection)
         if copy is None:
-            copy = self._copies[collection] = self._load(collection)  # raises (caches nothing) when there is none
+            info = self.store.describe(collection, fresh=True)  # NotFound when there is none
+            if info.kind != "multivector":
+                raise InvalidRequest(f"collection {collection!r} holds {info.kind} vectors, not pages", "collection")
+            # The feed's position is read before the pages: what follows is replayed after.
+            copy = _Copy(info.dim, self.changes.last_id(collection))
+        if missing := shards - set(copy.shards):
+            self._load(collection, copy, missing)
+        self._copies[collection] = copy
         changes = self.changes.since(collection, copy.applied)
         if not changes:
             return copy
@@ -266,33 +337,46 @@ class Searcher:
         for change in changes:
             if change.op == "drop":
                 del self._copies[collection]
-                return self._current(collection)
+                return self._current(collection, shards | set(copy.shards))
             if change.op == "delete":
-                copy.pages.remove_document(change.doc_id)
+                for pages in copy.shards.values():
+                    pages.remove_document(change.doc_id)
                 stale = {k: None for k in stale if k.rsplit("#", 1)[0] != change.doc_id}
             else:
-                stale.update(dict.fromkeys(change.page_keys))
+                stale.update((k, None) for k in change.page_keys if shard_of(k, self.shards) in copy.shards)
         stale_keys = list(stale)
         for start in range(0, len(stale_keys), LOAD_BATCH):
             wanted = stale_keys[start : start + LOAD_BATCH]
             fresh = self.store.fetch_pages(collection, wanted)
             for key in set(wanted) - {page.key for page in fresh}:  # gone from Milvus since
-                copy.pages.remove(key)
+                copy.shards[shard_of(key, self.shards)].remove(key)
             for page in fresh:
-                copy.pages.put(page)
-        copy.pages.prepare()
+                copy.shards[shard_of(page.key, self.shards)].put(page)
+            self._check_budget(collection)
+        for pages in copy.shards.values():
+            pages.prepare()
         copy.applied = changes[-1].id
         return copy
 
-    def _load(self, collection: str) -> _Copy:
-        applied = self.changes.last_id(collection)  # read first: what follows is replayed after
-        info = self.store.describe(collection, fresh=True)  # NotFound when there is none
-        if info.kind != "multivector":
-            raise InvalidRequest(f"collection {collection!r} holds {info.kind} vectors, not pages", "collection")
-        copy = _Copy(Int8Pages(info.dim, self.kernel), applied)
+    def _load(self, collection: str, copy: _Copy, shards: set[int]) -> None:
+        """Read `shards` of `collection` from Milvus into `copy` (all or none of them)."""
+        loading = {shard: Int8Pages(copy.dim, self.kernel) for shard in shards}
+        loaded = 0
         for pages in self.store.iter_pages(collection, LOAD_BATCH):
             for page in pages:
-                copy.pages.put(page)
-        copy.pages.prepare()
-        log.info("loaded %d pages of %s", len(copy.pages), collection)
-        return copy
+                if (target := loading.get(shard_of(page.key, self.shards))) is not None:
+                    target.put(page)
+                    loaded += page.vectors.size
+            self._check_budget(collection, loaded)
+        for pages in loading.values():
+            pages.prepare()
+        copy.shards.update(loading)
+        log.info("loaded shards %s of %s: %d pages", sorted(shards), collection, sum(map(len, loading.values())))
+
+    def _check_budget(self, collection: str, loading: int = 0) -> None:
+        if self.memory_bytes is not None and self.nbytes() + loading > self.memory_bytes:
+            raise OverBudget(
+                f"The pages of '{collection}' this search worker must hold pass its memory budget of "
+                f"{self.memory_bytes / 2**30:.1f} GB (EMBEDQ_SEARCH_MEMORY_GB); run more search workers "
+                "(each holds a share of the shards) or give them more memory."
+            )

@@ -17,12 +17,21 @@ from .. import process
 
 @shared_task(name=SEARCH_TASK)
 def search_pages(
-    *, collection: str, query: bytes, dim: int, top_k: int = 10, filter: str | None = None
+    *,
+    collection: str,
+    query: bytes,
+    dim: int,
+    top_k: int = 10,
+    filter: str | None = None,
+    shards: list[int] | None = None,
+    worker: str | None = None,
 ) -> list[dict[str, Any]]:
     """The `top_k` pages of `collection` by exact MaxSim with `query`: its token vectors as
     little-endian float32 bytes, `dim` per token. Returns `[{doc_id, filename, page, score,
-    metadata}]`, best first."""
+    metadata}]`, best first. `shards`: only the pages of those (default: every page; with
+    EMBEDQ_SEARCH_SHARDS above 1 the API asks each shard's owner for its own); `worker` only routes
+    the task to that worker's queue."""
     vectors = np.frombuffer(query, "<f4")
     if dim <= 0 or vectors.size % dim:
         raise InvalidRequest(f"query holds {vectors.size} numbers, not a whole number of {dim}-d vectors", "query")
-    return process.current().searcher.search(collection, vectors.reshape(-1, dim), top_k, filter)
+    return process.current().searcher.search(collection, vectors.reshape(-1, dim), top_k, filter, shards)
