@@ -12,6 +12,8 @@ def workers_alive(model: str, modality: str) -> str:
 
 INGEST_WORKERS_ALIVE = "embedq:workers:ingest"  # Sorted set: ingestion worker -> last heartbeat
 SEARCH_WORKERS_ALIVE = "embedq:workers:search"  # Sorted set: search worker -> last heartbeat
+# Hash: search worker -> last heartbeat, kept past the heartbeat TTL: whose own queue to remove
+SEARCH_QUEUES = "embedq:search:queues"
 # String: unix time a heartbeat last found a worker gone silent, or a worker last stopped
 # (common.delivery.heartbeat).
 WORKER_DIED_AT = "embedq:worker-died-at"

@@ -3,6 +3,7 @@ session's real Milvus Lite server and a real Redis change feed; writes from anot
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -258,3 +259,30 @@ def test_a_load_past_the_memory_budget_is_refused(milvus_uri, changes, pages, rn
         assert small.held() == {}  # nothing half-loaded
     finally:
         store.close()
+
+
+def test_the_own_queues_of_stopped_search_workers_are_removed(redis_server):
+    from types import SimpleNamespace
+
+    from common.contract import search_queue
+    from common.settings import Settings
+    from workers.start import FORGET_SEARCHER_TTLS, _forget_stopped_searchers
+
+    client = redis.Redis.from_url(f"{redis_server}/11")
+    client.flushdb()
+    settings = Settings(worker_heartbeat_ttl_s=15)
+    now = time.time()
+    for name, seen in (("search@gone:1", now - FORGET_SEARCHER_TTLS * 15 - 1), ("search@here:2", now)):
+        client.hset(keys.SEARCH_QUEUES, name, seen)
+        queue = search_queue(name)
+        client.rpush(queue, "a message")
+        client.sadd(f"_kombu.binding.{queue}", "binding")
+        client.sadd(f"_kombu.binding_permanent.{queue}", "binding")
+    _forget_stopped_searchers(SimpleNamespace(redis=client, settings=settings))
+    assert client.hkeys(keys.SEARCH_QUEUES) == [b"search@here:2"]
+    assert sorted(k.decode() for k in client.keys("*search.pages*")) == [
+        "_kombu.binding.search.pages.search@here:2",
+        "_kombu.binding_permanent.search.pages.search@here:2",
+        "search.pages.search@here:2",
+    ]
+    client.flushdb()

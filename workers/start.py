@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable
 
 from celery import signals
+from kombu.transport.redis import Channel
 from redis import RedisError
 
 from common import keys
 from common.contract import INGEST_QUEUE, SEARCH_QUEUE, embed_queue, search_queue, task_items
 from common.delivery.gate import FetchGate
 from common.delivery.heartbeat import Heartbeat, live_workers
+from common.delivery.lost import queue_lists
 from common.jobs.watch import JobWatch
 from common.registry import load_registry
 from common.settings import get_settings
@@ -35,6 +37,7 @@ from . import process
 log = logging.getLogger(__name__)
 
 CATCH_UP_S = 1.0
+FORGET_SEARCHER_TTLS = 4
 
 
 def _consume(
@@ -181,7 +184,21 @@ def _publish_search_stats(proc: process.Process) -> None:
     with proc.redis.pipeline() as pipe:
         pipe.hset(key, mapping=stats)
         pipe.expire(key, proc.settings.worker_heartbeat_ttl_s)
+        pipe.hset(keys.SEARCH_QUEUES, proc.name, time.time())
         pipe.execute()
+
+
+def _forget_stopped_searchers(proc: process.Process) -> None:
+    """Remove the own queues (and kombu's bindings of them) of search workers silent for
+    FORGET_SEARCHER_TTLS heartbeat TTLs: each start of a search worker makes one."""
+    quiet_since = time.time() - FORGET_SEARCHER_TTLS * proc.settings.worker_heartbeat_ttl_s
+    for name, seen in proc.redis.hgetall(keys.SEARCH_QUEUES).items():
+        if float(seen) < quiet_since:
+            queue = search_queue(name.decode())
+            bindings = [Channel.keyprefix_queue % queue, Channel.keyprefix_binding_permanent % queue]
+            proc.redis.delete(*queue_lists(queue), *bindings)
+            proc.redis.hdel(keys.SEARCH_QUEUES, name)
+            log.info("removed the queue of %s, a search worker that stopped", name.decode())
 
 
 def _follow_collections(proc: process.Process) -> None:
@@ -195,6 +212,7 @@ def _follow_collections(proc: process.Process) -> None:
         time.sleep(CATCH_UP_S)
         try:
             proc.searcher.rebalance(_owned_shards(proc))
+            _forget_stopped_searchers(proc)
             live = [name.decode() for name in live_workers(proc.redis, keys.SEARCH_WORKERS_ALIVE, ttl)]
             for collection, entry_id in proc.searcher.applied().items():
                 proc.searcher.changes.applied(collection, proc.name, entry_id, live)
