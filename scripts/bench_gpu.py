@@ -66,7 +66,7 @@ from common.registry import ModelSpec  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from tests.tiny_models import builder  # noqa: E402  (the tiny checkpoints' builder, for --tiny)
 from workers.backends.base import EmbedInput, OutOfMemory, Prepared  # noqa: E402
-from workers.backends.colpali import ColpaliBackend, bound_visual_tokens, colpali_classes  # noqa: E402
+from workers.backends.colpali import ColpaliBackend, colpali_classes  # noqa: E402
 from workers.backends.device import resolve_attention  # noqa: E402
 
 SEED = 0
@@ -227,10 +227,9 @@ class InMemoryBackend(ColpaliBackend):
         self._processor = processor
 
     def load(self) -> None:
-        self.model = build_model(self.spec.model_class, self._config, self.device, self.dtype, self.attention)
-        self.processor = self._processor
-        bound_visual_tokens(self.processor, self.spec.max_num_visual_tokens)
-        self.dim = self.model.dim
+        self.use(
+            build_model(self.spec.model_class, self._config, self.device, self.dtype, self.attention), self._processor
+        )
 
 
 # --- inputs ------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from common.settings import Settings
-from workers.backends.colpali import bound_visual_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench_gpu.py"
@@ -92,8 +91,7 @@ def test_full_size_architectures_on_meta_device(name, params, visual_tokens):
 
     spec = module.ModelSpec(name=name, backend="colpali", path="-", model_class=module.MODEL_CLASSES[name])
     backend = module.ColpaliBackend(spec, "cpu", Settings())
-    backend.processor = processor
-    bound_visual_tokens(processor, spec.max_num_visual_tokens)
+    backend.use(model, processor)
     page = backend.prepare(module.page_inputs(1)[0])
     assert page.n_tokens == visual_tokens
 

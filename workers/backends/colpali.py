@@ -186,10 +186,13 @@ class ColpaliBackend:
 
     def load(self) -> None:
         _, processor_cls = colpali_classes(self.spec.model_class)
-        self.single_vector = FAMILIES[self.spec.model_class].single_vector
         path = self.spec.resolved_path()
-        self.model = load_model(self.spec.model_class, path, **self.options).eval()
-        self.processor = processor_cls.from_pretrained(path)
+        self.use(load_model(self.spec.model_class, path, **self.options).eval(), processor_cls.from_pretrained(path))
+
+    def use(self, model, processor) -> None:
+        """Serve `model` with `processor`, as `load` does once it has read them."""
+        self.single_vector = FAMILIES[self.spec.model_class].single_vector
+        self.model, self.processor = model, processor
         bound_visual_tokens(self.processor, self.spec.max_num_visual_tokens)
         self._visual_token_ids = visual_token_ids(self.processor)
         self.dim = output_dim(self.model)
