@@ -519,7 +519,7 @@ def test_a_pooled_collection_is_searched_as_stored(ingest_api, ingest_env, poole
 def test_pool_factor_errors(ingest_api):
     base = ingest_api
     for body, wanted in (
-        ({"name": "pooled_text", "model": MINILM, "pool_factor": 2}, "text collections"),
+        ({"name": "pooled_text", "model": MINILM, "pool_factor": 2}, "one vector per page or chunk"),
         ({"name": "pooled_much", "model": PAGES_MODEL, "pool_factor": 17}, "16"),
         ({"name": "pooled_none", "model": PAGES_MODEL, "pool_factor": 0}, "1"),
     ):
