@@ -10,8 +10,10 @@ change feed carries them). Two kinds of query of `query_tokens` tokens:
 * `random`: random unit vectors, related to no page: the exhaustive top k are pages that lead the
   others by chance.
 
-Searches run as the search worker runs them (`workers.search.scan.Searcher`, in this process: the
-Celery hop adds 2-4 ms), once the Milvus Lite server has finished its work on the load. Reported per size: write time (upsert + flush), the searcher's load time
+Searches run as the search workers run them (`workers.search.scan.Searcher`, in this process: the
+Celery hop adds 2-4 ms; `--shards N`: N searchers, one shard each, searched at once and merged as
+the API merges, and one shard alone timed too), once the Milvus Lite server has finished its work
+on the load. `--tokens 245` stores pages as a pool factor of 3 leaves 736-token pages. Reported per size: write time (upsert + flush), the searcher's load time
 and memory, search latency p50/p99, `recall@k` (the top k against the top k of exhaustive float32
 MaxSim over every stored page, in NumPy), `targets@k` (share of planted targets in the top k), and
 the largest relative difference between a returned score and its exact MaxSim.
@@ -19,6 +21,7 @@ the largest relative difference between a returned score and its exact MaxSim.
     python scripts/bench_store.py --pages 1000 10000        # starts Milvus Lite (and Redis if needed)
     python scripts/bench_store.py --uri http://host:19530   # or uses a running Milvus
     python scripts/bench_store.py --kernel fbgemm           # a scan kernel by name (default: timed, fastest)
+    python scripts/bench_store.py --tokens 245 --shards 2   # pooled pages (factor 3), two search workers
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,10 +91,6 @@ def _wait_idle(pid: int, timeout: float = 900) -> None:
             return
 
 
-def _rss_gb() -> float:
-    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
-
-
 def bench_search(
     uri: str,
     client: redis.Redis,
@@ -107,6 +107,7 @@ def bench_search(
     seed: int = 0,
     collection: str = "bench_store",
     kernel: str = "auto",
+    shards: int = 1,
 ) -> dict:
     """Fill `collection` (dropped first and after) with random pages, then time and score searches."""
     rng = np.random.default_rng(seed)
@@ -124,12 +125,26 @@ def bench_search(
     if server_pid:
         _wait_idle(server_pid)
 
-    searcher = Searcher(MilvusStore(uri), PageChanges(client), threads=os.cpu_count() or 1, kernel=kernel)
-    rss, started = _rss_gb(), time.perf_counter()
-    searcher.preload()
+    # One searcher per shard stands in for one search worker per shard (the Celery hop, 2-4 ms,
+    # left out); they share this machine's cores, as workers on one machine would.
+    threads = max(1, (os.cpu_count() or 1) // shards)
+    searchers = [
+        Searcher(MilvusStore(uri), PageChanges(client), threads=threads, kernel=kernel, shards=shards)
+        for _ in range(shards)
+    ]
+    started = time.perf_counter()
+    for shard, searcher in enumerate(searchers):
+        searcher.owned = {shard}
+        searcher.preload()
     result["load_s"] = round(time.perf_counter() - started, 1)
-    result["kernel"] = searcher.kernel.name
-    result["index_gb"] = round(_rss_gb() - rss, 2)
+    result["kernel"] = searchers[0].kernel.name
+    result["shards"] = shards
+    result["gb_per_worker"] = round(max(searcher.nbytes() for searcher in searchers) / 2**30, 2)
+    fan_out = ThreadPoolExecutor(shards)
+
+    def search(query: np.ndarray) -> list[dict]:
+        parts = fan_out.map(lambda i: searchers[i].search(collection, query, top_k, shards=[i]), range(shards))
+        return sorted((hit for part in parts for hit in part), key=lambda hit: -hit["score"])[:top_k]
 
     chosen = np.stack([rng.choice(pages, targets, replace=False) for _ in range(queries)])
     owners = chosen[:, np.arange(query_tokens) % targets]
@@ -142,12 +157,15 @@ def bench_search(
         exact = exhaustive_maxsim(query_set, stored)
         exact_top = np.argsort(-exact, axis=1)[:, :top_k]
         for query in query_set[:WARMUP]:
-            searcher.search(collection, query, top_k)
-        latencies, recall, hit_targets, score_error = [], [], [], 0.0
+            search(query)
+        latencies, alone, recall, hit_targets, score_error = [], [], [], [], 0.0
         for q, query in enumerate(query_set):
             t0 = time.perf_counter()
-            hits = searcher.search(collection, query, top_k)
+            hits = search(query)
             latencies.append(1e3 * (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            searchers[0].search(collection, query, top_k, shards=[0])
+            alone.append(1e3 * (time.perf_counter() - t0))
             ids = [int(h["doc_id"][3:]) for h in hits]
             recall.append(len(set(ids) & set(exact_top[q])) / top_k)
             hit_targets.append(len(set(ids) & set(chosen[q])) / targets)
@@ -158,11 +176,13 @@ def bench_search(
                 "queries": kind,
                 "p50_ms": round(statistics.median(latencies), 1),
                 "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1),
+                "one_shard_p50_ms": round(statistics.median(alone), 1),
                 f"recall@{top_k}": round(float(np.mean(recall)), 3),
                 f"targets@{top_k}": round(float(np.mean(hit_targets)), 3) if kind == "planted" else "-",
                 "score_rel_err": float(f"{score_error:.1e}"),
             }
         )
+    fan_out.shutdown()
     store.drop_collection(collection)
     store.close()
     return result
@@ -177,6 +197,7 @@ def main() -> None:
     parser.add_argument("--query-tokens", type=int, default=20)
     parser.add_argument("--targets", type=int, default=1)
     parser.add_argument("--noise", type=float, default=1.0)
+    parser.add_argument("--shards", type=int, default=1, help="search workers, one shard each")
     parser.add_argument("--kernel", default="auto", choices=["auto", *kernels.KERNELS], help="the page scan's product")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the search worker runs: its searcher's threads share the cores out
@@ -186,7 +207,7 @@ def main() -> None:
     timings = kernels.time_kernels(BLOCK_TOKENS, 128)
     print(f"options: {options}; {os.cpu_count()} cores; CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("scan kernels, ms per block: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    options["kernel"] = args.kernel
+    options.update(kernel=args.kernel, shards=args.shards)
     with tempfile.TemporaryDirectory() as tmp:
         redis_url, redis_proc = procs.redis_or_embedded(os.environ.get("EMBEDQ_REDIS_URL"), Path(tmp) / "redis")
         server = None if args.uri else MilvusLiteServer(Path(tmp) / "milvus", procs.free_port()).start()

@@ -224,7 +224,7 @@ def test_image_input_errors(li_api):
         ),
         "output",
     )
-    assert assert_400(post(li_api, "text", json={"model": MINILM, "input": "q"}), "output")  # multivector default
+    assert assert_400(post(li_api, "text", json={"model": MINILM, "input": "q", "output": "multivector"}), "output")
 
 
 def flat_page(seed: int) -> bytes:
