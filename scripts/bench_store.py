@@ -204,7 +204,7 @@ def main() -> None:
     options = dict(
         queries=args.queries, tokens=args.tokens, query_tokens=args.query_tokens, targets=args.targets, noise=args.noise
     )
-    timings = kernels.time_kernels(BLOCK_TOKENS, 128)
+    timings = kernels.time_kernels(BLOCK_TOKENS, 128, os.cpu_count() or 1)
     print(f"options: {options}; {os.cpu_count()} cores; CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("scan kernels, ms per block: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     options.update(kernel=args.kernel, shards=args.shards)

@@ -209,8 +209,11 @@ def test_the_feed_is_trimmed_to_what_every_live_search_worker_applied(changes, s
 
 
 def test_the_kernel_is_chosen_by_timing_and_can_be_named():
-    kernel, timings = kernels.choose("auto", 4096)
-    assert set(timings) >= {"int8", "float32"} and kernel.name == min(timings, key=timings.get)
+    kernel, timings = kernels.choose("auto", 4096, threads=2)
+    assert set(timings) >= {"int8", "float32"}
+    fastest = min(timings, key=timings.get)
+    # int8 (exact, so fewer pages to rescore) unless another is clearly faster
+    assert kernel.name == (fastest if timings[fastest] <= kernels.PREFER_INT8_BELOW * timings["int8"] else "int8")
     assert kernels.choose("float32", 4096) == (kernels.KERNELS["float32"], {})
     with pytest.raises(ValueError, match="not available"):
         kernels.choose("avx9000", 4096)

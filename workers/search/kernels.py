@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 TIMING_TOKENS = 20  # a typical query's token count
+PREFER_INT8_BELOW = 0.6
 
 
 class Int8:
@@ -78,42 +80,53 @@ def _available() -> list[str]:
     return names
 
 
-def time_kernels(block_tokens: int, dim: int, repeats: int = 5) -> dict[str, float]:
-    """Milliseconds per block product for each kernel this torch has, median of `repeats`."""
+def time_kernels(block_tokens: int, dim: int, threads: int = 1, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per block product for each kernel this torch has, run as the scan runs them:
+    `threads` blocks at once, one per thread (what one core's memory bandwidth and caches give a
+    kernel depends on what the others do). Median of `repeats`."""
     generator = torch.Generator().manual_seed(0)
-    block = torch.randint(-127, 128, (block_tokens, dim), dtype=torch.int8, generator=generator)
+    blocks = [
+        torch.randint(-127, 128, (block_tokens, dim), dtype=torch.int8, generator=generator) for _ in range(threads)
+    ]
     query = torch.randint(-127, 128, (TIMING_TOKENS, dim), dtype=torch.int8, generator=generator)
     timings = {}
-    for name in _available():
-        kernel = KERNELS[name]
-        try:
-            prepared = kernel.prepare(block)
-            kernel.product(query, prepared)
-        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # torch deprecates quantized tensors
-            log.warning("page scan kernel %s does not run here: %s", name, exc)
-            continue
-        runs = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            kernel.product(query, prepared)
-            runs.append((time.perf_counter() - started) * 1000)
-        timings[name] = statistics.median(runs)
+    with ThreadPoolExecutor(threads) as pool:
+        for name in _available():
+            kernel = KERNELS[name]
+            try:
+                prepared = [kernel.prepare(block) for block in blocks]
+                kernel.product(query, prepared[0])
+            except (RuntimeError, AttributeError, NotImplementedError) as exc:  # torch deprecates quantized tensors
+                log.warning("page scan kernel %s does not run here: %s", name, exc)
+                continue
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                list(pool.map(kernel.product, [query] * threads, prepared))
+                runs.append((time.perf_counter() - started) * 1000 / threads)
+            timings[name] = statistics.median(runs)
     return timings
 
 
-def choose(setting: str, block_tokens: int, dim: int = 128) -> tuple[Kernel, dict[str, float]]:
-    """The kernel `setting` names (`auto`: the fastest here), and the timings behind the choice."""
+def choose(setting: str, block_tokens: int, threads: int = 1, dim: int = 128) -> tuple[Kernel, dict[str, float]]:
+    """The kernel `setting` names, or for `auto` the fastest here, and the timings behind the
+    choice. int8 stays unless another kernel takes under PREFER_INT8_BELOW of its time: its products
+    are exact, so it rescores fewer pages exactly (`extra`), which a slightly faster product loses
+    again (fbgemm timed 30% faster per block here, and searched 25% slower)."""
     if setting != "auto":
         if setting not in _available():
             raise ValueError(f"EMBEDQ_SCAN_KERNEL={setting} is not available here; choose from {_available()}")
         return KERNELS[setting], {}
-    timings = time_kernels(block_tokens, dim)
+    timings = time_kernels(block_tokens, dim, threads)
     name = min(timings, key=timings.get)
+    if "int8" in timings and timings[name] > PREFER_INT8_BELOW * timings["int8"]:
+        name = "int8"
     log.info(
-        "page scan kernel: %s on %s (ms per %d-token block: %s)",
+        "page scan kernel: %s on %s (ms per %d-token block, %d at once: %s)",
         name,
         torch.backends.cpu.get_cpu_capability(),
         block_tokens,
+        threads,
         ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
     )
     return KERNELS[name], timings

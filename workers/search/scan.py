@@ -232,7 +232,7 @@ class Searcher:
         on the same cores (a search at 6k pages on 2 cores: 93 against 105 ms), so give torch one.
         `kernel`: a name of workers.search.kernels, or `auto` to time them here and take the fastest.
         `memory_bytes`: the most the pages held here may take; a load past it is refused."""
-        self.kernel, self.kernel_timings = kernels.choose(kernel, BLOCK_TOKENS)
+        self.kernel, self.kernel_timings = kernels.choose(kernel, BLOCK_TOKENS, threads)
         self.store = store
         self.changes = changes
         self.shards = shards
