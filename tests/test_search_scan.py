@@ -289,3 +289,20 @@ def test_the_own_queues_of_stopped_search_workers_are_removed(redis_server):
         "search.pages.search@here:2",
     ]
     client.flushdb()
+
+
+def test_blocks_prepared_before_the_codes_grow_are_made_again(rng):
+    """A block's prepared form is a view of the codes: once they are copied to grow, the old form
+    would keep the old copy alive (and double the memory)."""
+    index = Int8Pages(DIM, kernels.KERNELS["int8"])
+    # 2,048 tokens a page: 24 pages a block. Block 0 is full and prepared before the codes grow.
+    pages = [PageRecord(f"d{i}", 0, "f.pdf", {}, unit(rng.standard_normal((2048, DIM)))) for i in range(40)]
+    for page in pages[:30]:
+        index.put(page)
+    index.prepare()
+    for page in pages[30:]:  # the codes grow from 36 pages to 54
+        index.put(page)
+    index.prepare()
+    for bucket in index._buckets.values():
+        for _, prepared in bucket._prepared.values():
+            assert prepared.untyped_storage().data_ptr() == bucket.codes.untyped_storage().data_ptr()

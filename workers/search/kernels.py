@@ -11,7 +11,6 @@ product in the units of the codes, so the rest of the scan does not know which o
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -80,31 +79,33 @@ def _available() -> list[str]:
     return names
 
 
-def time_kernels(block_tokens: int, dim: int, threads: int = 1, repeats: int = 5) -> dict[str, float]:
+def time_kernels(block_tokens: int, dim: int, threads: int = 1, repeats: int = 7) -> dict[str, float]:
     """Milliseconds per block product for each kernel this torch has, run as the scan runs them:
     `threads` blocks at once, one per thread (what one core's memory bandwidth and caches give a
-    kernel depends on what the others do). Median of `repeats`."""
+    kernel depends on what the others do). The kernels take turns, and each keeps its best of
+    `repeats`: on a shared machine other work only ever adds time."""
     generator = torch.Generator().manual_seed(0)
     blocks = [
         torch.randint(-127, 128, (block_tokens, dim), dtype=torch.int8, generator=generator) for _ in range(threads)
     ]
     query = torch.randint(-127, 128, (TIMING_TOKENS, dim), dtype=torch.int8, generator=generator)
-    timings = {}
+    prepared = {}
+    for name in _available():
+        kernel = KERNELS[name]
+        try:
+            prepared[name] = [kernel.prepare(block) for block in blocks]
+            kernel.product(query, prepared[name][0])
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # torch deprecates quantized tensors
+            log.warning("page scan kernel %s does not run here: %s", name, exc)
+            prepared.pop(name, None)
+    runs: dict[str, list[float]] = {name: [] for name in prepared}
     with ThreadPoolExecutor(threads) as pool:
-        for name in _available():
-            kernel = KERNELS[name]
-            try:
-                prepared = [kernel.prepare(block) for block in blocks]
-                kernel.product(query, prepared[0])
-            except (RuntimeError, AttributeError, NotImplementedError) as exc:  # torch deprecates quantized tensors
-                log.warning("page scan kernel %s does not run here: %s", name, exc)
-                continue
-            runs = []
-            for _ in range(repeats):
+        for _ in range(repeats):
+            for name, blocks_prepared in prepared.items():
                 started = time.perf_counter()
-                list(pool.map(kernel.product, [query] * threads, prepared))
-                runs.append((time.perf_counter() - started) * 1000 / threads)
-            timings[name] = statistics.median(runs)
+                list(pool.map(KERNELS[name].product, [query] * threads, blocks_prepared))
+                runs[name].append((time.perf_counter() - started) * 1000 / threads)
+    timings = {name: min(times) for name, times in runs.items()}
     return timings
 
 

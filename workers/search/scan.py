@@ -92,6 +92,7 @@ class _Bucket:
                 self.codes = torch.cat([self.codes, torch.empty((grow, self.tokens, self.dim), dtype=torch.int8)])
                 self.scales = torch.cat([self.scales, torch.empty(grow)])
                 self.live = torch.cat([self.live, torch.zeros(grow, dtype=torch.bool)])
+                self._prepared.clear()  # they are of the codes before the copy, which they would keep alive
         self.codes[slot], self.scales[slot], self.live[slot], self.keys[slot] = codes, scale, True, key
         self._prepared.pop(slot - slot % self.block, None)
         return slot
