@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,6 +75,15 @@ def exhaustive_maxsim(queries: np.ndarray, pages: np.ndarray, block: int = 64) -
     return scores
 
 
+def page_batches(pages: int, tokens: int, dim: int, seed: int) -> Iterator[tuple[range, np.ndarray]]:
+    """The benchmark's pages, WRITE_PAGES at a time, each batch from its own seed: they can be made
+    again instead of kept (100k pages of 245 tokens are 6 GB of float16)."""
+    for start in range(0, pages, WRITE_PAGES):
+        batch = range(start, min(start + WRITE_PAGES, pages))
+        rng = np.random.default_rng([seed, start])
+        yield batch, _unit(rng.standard_normal((len(batch), tokens, dim), dtype=np.float32)).astype(np.float16)
+
+
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -114,12 +124,16 @@ def bench_search(
     store = MilvusStore(uri, changes=PageChanges(client))
     store.drop_collection(collection)
     store.create_collection(collection, "multivector", dim, "bench")
-    stored = np.empty((pages, tokens, dim), np.float16)
+    chosen = np.stack([rng.choice(pages, targets, replace=False) for _ in range(queries)])
+    owners = chosen[:, np.arange(query_tokens) % targets]
+    source_tokens = rng.integers(0, tokens, owners.shape)
+    sources = np.empty((*owners.shape, dim), np.float32)
     started = time.perf_counter()
-    for start in range(0, pages, WRITE_PAGES):
-        batch = range(start, min(start + WRITE_PAGES, pages))
-        stored[batch.start : batch.stop] = _unit(rng.standard_normal((len(batch), tokens, dim), dtype=np.float32))
-        store.upsert_pages(collection, [PageRecord(f"doc{i}", 0, f"doc{i}.pdf", {}, stored[i]) for i in batch])
+    for batch, vectors in page_batches(pages, tokens, dim, seed):
+        here = (owners >= batch.start) & (owners < batch.stop)
+        sources[here] = vectors[owners[here] - batch.start, source_tokens[here]]
+        upserts = [PageRecord(f"doc{i}", 0, f"doc{i}.pdf", {}, vectors[i - batch.start]) for i in batch]
+        store.upsert_pages(collection, upserts)
     store.flush(collection)
     result = {"pages": pages, "kernel": "", "write_s": round(time.perf_counter() - started, 1), "runs": []}
     if server_pid:
@@ -146,15 +160,16 @@ def bench_search(
         parts = fan_out.map(lambda i: searchers[i].search(collection, query, top_k, shards=[i]), range(shards))
         return sorted((hit for part in parts for hit in part), key=lambda hit: -hit["score"])[:top_k]
 
-    chosen = np.stack([rng.choice(pages, targets, replace=False) for _ in range(queries)])
-    owners = chosen[:, np.arange(query_tokens) % targets]
-    sources = stored[owners, rng.integers(0, tokens, owners.shape)].astype(np.float32)
     query_sets = {
         "planted": _unit(sources + noise * _unit(rng.standard_normal(sources.shape, dtype=np.float32))),
         "random": _unit(rng.standard_normal(sources.shape, dtype=np.float32)),
     }
-    for kind, query_set in query_sets.items():
-        exact = exhaustive_maxsim(query_set, stored)
+    everything = np.concatenate(list(query_sets.values()))
+    exact_all = np.concatenate(
+        [exhaustive_maxsim(everything, vectors) for _, vectors in page_batches(pages, tokens, dim, seed)], axis=1
+    )
+    for k, (kind, query_set) in enumerate(query_sets.items()):
+        exact = exact_all[k * queries : (k + 1) * queries]
         exact_top = np.argsort(-exact, axis=1)[:, :top_k]
         for query in query_set[:WARMUP]:
             search(query)
