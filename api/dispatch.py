@@ -25,7 +25,6 @@ from redis import RedisError
 from common import keys
 from common.contract import EMBED_TASK, SEARCH_TASK, embed_kwargs, embed_queue, search_kwargs, search_queue
 from common.delivery.heartbeat import live_workers
-from common.delivery.lost import queue_lists
 from common.errors import QueueFull, ServiceUnavailable
 from common.settings import Settings
 from common.shards import plan
@@ -166,8 +165,7 @@ class Dispatcher:
                 if any(call.done() and call.exception() for call in calls.values()):
                     break
                 stopped = {w for w, call in calls.items() if not call.done()} - await self._live_searchers()
-                if stopped:
-                    await self._client.delete(*(q for w in stopped for q in queue_lists(search_queue(w))))
+                if stopped:  # its own queue goes with it (workers.start, _forget_stopped_searchers)
                     missing = sorted(shard for w in stopped for shard in by_worker[w])
                     raise ServiceUnavailable(
                         f"The search worker holding shards {missing} of {shards} stopped during this search; "
