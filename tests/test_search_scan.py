@@ -18,7 +18,7 @@ from common.shards import shard_of
 from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord
 from workers.search import kernels
-from workers.search.scan import Int8Pages, OverBudget, Searcher
+from workers.search.scan import EXTRA, Int8Pages, OverBudget, Searcher
 
 from .pages import DIM, make_pages, page_collection, unit
 
@@ -82,9 +82,9 @@ def exhaustive(query: np.ndarray, pages: list[PageRecord], k: int) -> list[tuple
 
 @pytest.mark.parametrize("name", sorted(kernels.KERNELS))
 def test_int8_scan_ranks_as_exact_maxsim(rng, name):
-    """With every kernel, the in-memory scores alone (before the exact rerank) keep exhaustive
-    MaxSim's top 10 within the pages they hand to the rerank, on random pages and random queries:
-    the hard case."""
+    """With every kernel, the in-memory scores alone (before the exact rerank; fbgemm's rechecked
+    from the codes) keep exhaustive MaxSim's top 10 within the pages they hand to the rerank, on
+    random pages and random queries: the hard case."""
     kernel = kernels.KERNELS[name]
     records = make_pages(rng, 100)
     index = Int8Pages(DIM, kernel)
@@ -94,7 +94,7 @@ def test_int8_scan_ranks_as_exact_maxsim(rng, name):
         for _ in range(10):
             query = unit(rng.standard_normal((20, DIM)))
             top = {f"{d}#{p}" for d, p in exhaustive(query, records, 10)}
-            assert top <= set(index.best(query, 10 + kernel.extra, pool))
+            assert top <= set(index.best(query, 10 + EXTRA, pool))
 
 
 def test_search_is_exhaustive_maxsim_with_its_scores(searcher, pages, rng):

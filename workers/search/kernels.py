@@ -27,7 +27,7 @@ class Int8:
     """`torch._int_mm`: exact, in int32."""
 
     name = "int8"
-    extra = 8  # pages scored exactly beyond top_k (workers.search.scan)
+    recheck = 0  # pages scored again with the exact product, beyond those read back (workers.search.scan)
     bytes_per_code = 1  # memory held per int8 code, the kernel's own form included
 
     def prepare(self, block: torch.Tensor) -> Any:
@@ -41,7 +41,7 @@ class Float32:
     """BLAS on the codes as float32: exact (the sums stay under 2**24), 4 bytes read per code."""
 
     name = "float32"
-    extra = 8
+    recheck = 0
     bytes_per_code = 1
 
     def prepare(self, block: torch.Tensor) -> Any:
@@ -54,10 +54,10 @@ class Float32:
 class Fbgemm:
     """fbgemm's u8 x s8 GEMM on weights packed once per block. It quantizes the query again, to
     7 bits on x86 (its AVX2 kernel would saturate 16-bit sums with 8): about 1% off, so more
-    pages are scored exactly."""
+    pages are scored again with the exact product before any is read back."""
 
     name = "fbgemm"
-    extra = 24
+    recheck = 16
     bytes_per_code = 2  # the codes, and the same again packed
 
     def prepare(self, block: torch.Tensor) -> Any:
@@ -111,9 +111,9 @@ def time_kernels(block_tokens: int, dim: int, threads: int = 1, repeats: int = 7
 
 def choose(setting: str, block_tokens: int, threads: int = 1, dim: int = 128) -> tuple[Kernel, dict[str, float]]:
     """The kernel `setting` names, or for `auto` the fastest here, and the timings behind the
-    choice. int8 stays unless another kernel takes under PREFER_INT8_BELOW of its time: its products
-    are exact, so it rescores fewer pages exactly (`extra`), which a slightly faster product loses
-    again (fbgemm timed 30% faster per block here, and searched 25% slower)."""
+    choice. int8 stays unless another kernel takes under PREFER_INT8_BELOW of its time: fbgemm holds
+    every code twice (packed as well), and its inexact products cost a recheck, which a product
+    slightly faster loses again."""
     if setting != "auto":
         if setting not in _available():
             raise ValueError(f"EMBEDQ_SCAN_KERNEL={setting} is not available here; choose from {_available()}")

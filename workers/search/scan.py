@@ -13,11 +13,13 @@ scores every page, cheaply, then exactly:
    page's approximate MaxSim. The products are most of a search's time: at 10k pages on 2 cores,
    about 40 ms plus 3.5 ms per query token where int8 products are fast. How a product runs
    (torch's int8 product, fbgemm's, or float32 BLAS) is timed at start-up (workers.search.kernels).
-2. The best `top_k + extra` pages (`extra` per kernel: int8 scores are off by about 0.05%, which
-   reorders pages with nearly equal scores; over 40 queries at 10k random pages, exhaustive MaxSim's
-   top 10 were always within the int8 top 15) are read back from Milvus (their float16 vectors, in one
-   call) and scored exactly in float32, so the returned scores are colpali-engine's
-   `score_multi_vector` over the stored vectors.
+2. A kernel whose products are not exact in the codes' units (fbgemm's) has its best
+   `top_k + EXTRA + recheck` pages scored again from their codes with an exact product, in memory.
+3. The best `top_k + EXTRA` pages (int8 scores are off by about 0.05%, which reorders pages with
+   nearly equal scores; over 40 queries at 10k random pages, exhaustive MaxSim's top 10 were always
+   within the int8 top 15) are read back from Milvus (their float16 vectors, in one call, about 2 ms
+   a page of 736 tokens from Milvus Lite) and scored exactly in float32, so the returned scores are
+   colpali-engine's `score_multi_vector` over the stored vectors.
 
 The copy follows the collection through its change feed (common.store.changes): before each search,
 the entries since the last one applied name the pages to re-read from Milvus or drop.
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 49_152  # tokens per int8 product: its int32 output (4 MB for 20 query tokens) stays in cache
 LOAD_BATCH = 64  # pages per read from Milvus (about 16 MB for pages of 736 tokens)
+EXTRA = 8  # pages read back and scored exactly beyond top_k
 ABANDON_S = 30.0  # a shard no longer owned here goes once no search asked for it for this long
 
 
@@ -185,8 +188,23 @@ class Int8Pages:
         everything = torch.cat(scores)
         if allowed is not None:
             everything[[i for i, key in enumerate(keys) if key not in allowed]] = -torch.inf
-        top = torch.topk(everything, min(count, len(keys)))
-        return [keys[i] for i, score in zip(top.indices.tolist(), top.values.tolist()) if score > -torch.inf]
+        top = torch.topk(everything, min(count + self.kernel.recheck, len(keys)))
+        found = [keys[i] for i, score in zip(top.indices.tolist(), top.values.tolist()) if score > -torch.inf]
+        if self.kernel.recheck:
+            found = sorted(found, key=self._exact_scorer(codes), reverse=True)
+        return found[:count]
+
+    def _exact_scorer(self, codes: torch.Tensor):
+        """MaxSim of the query `codes` against a held page's codes, exact in their units (float32
+        sums of int8 products stay under 2**24)."""
+        query = codes.float()
+
+        def score(key: str) -> float:
+            bucket, slot = self._where[key]
+            sims = query @ bucket.codes[slot].float().T
+            return float(sims.amax(dim=1).sum() * bucket.scales[slot])
+
+        return score
 
 
 def _checked(query: np.ndarray, dim: int) -> np.ndarray:
@@ -301,7 +319,7 @@ class Searcher:
             candidates = [
                 key
                 for shard in sorted(wanted)
-                for key in copy.shards[shard].best(query, top_k + self.kernel.extra, self._pool, allowed)
+                for key in copy.shards[shard].best(query, top_k + EXTRA, self._pool, allowed)
             ]
         pages = self.store.fetch_pages(collection, candidates)
         if allowed is not None:  # a page written since the filter was read may pass it no more
