@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     pdf_dpi_large: int = Field(default=150, gt=0)
     pdf_large_pages: int = Field(default=50, gt=0)  # from this many pages on, render at pdf_dpi_large
     office_timeout_s: float = Field(default=120.0, gt=0)  # LibreOffice conversion to PDF
+    office_memory_mb: int = Field(default=2048, gt=0)  # LibreOffice's address space, in MiB
     chunk_size: int = Field(default=1000, gt=0)  # characters
     chunk_overlap: int = Field(default=200, ge=0)
 

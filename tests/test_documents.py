@@ -1,12 +1,9 @@
-"""Uploads into pages and chunks: kind detection, PDF rendering and its DPI policy, office
-conversion through LibreOffice, text chunking and JSONL records."""
+"""Uploads into pages and chunks: kind detection, PDF rendering and its DPI policy, text
+chunking and JSONL records (office conversion: tests/test_office.py)."""
 
 from __future__ import annotations
 
 import io
-import os
-import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -14,7 +11,6 @@ from PIL import Image
 from common.errors import EmbedqError, InvalidRequest, UnsupportedMediaType
 from common.inputs.documents import (
     chunk_text,
-    convert_office_to_pdf,
     count_pdf_pages,
     decode_text,
     parse_jsonl,
@@ -80,6 +76,7 @@ def test_detect_kind(filename, content_type, head, kind):
     [
         ("archive.zip", "application/zip", ZIP),
         ("notes.txt", "text/plain", ZIP),  # a zip is office or nothing
+        ("report.docx", None, b"just some text"),  # named office, but neither a zip nor a signature
         ("icon.ico", "image/x-icon", b"\x00\x00\x01\x00\x01\x00\x10\x10"),
         ("program.exe", "application/octet-stream", b"MZ\x90\x00"),
         (None, None, b"no idea what this is"),
@@ -129,56 +126,6 @@ def test_corrupt_pdf_is_a_400_when_opened(data):
     assert message == "the PDF could not be opened: Failed to load document (PDFium: Data format error)."
     # refused at the call, before any page is asked for
     assert refusal(InvalidRequest, render_pdf_pages, data, 200, DEFAULTS.max_image_pixels) == message
-
-
-# Office documents (a fake soffice stands in for LibreOffice, which these machines lack)
-
-
-def fake_soffice(folder, body: str) -> None:
-    folder.mkdir(exist_ok=True)
-    script = folder / "soffice"
-    script.write_text("#!/bin/sh\n" + body)
-    script.chmod(0o755)
-
-
-def test_office_file_without_soffice_is_415(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    message = refusal(UnsupportedMediaType, convert_office_to_pdf, ZIP, "deck.pptx", 60)
-    assert ".pptx files to PDF needs LibreOffice (soffice) on the PATH" in message
-
-
-def test_office_file_converts_through_soffice(monkeypatch, tmp_path):
-    (tmp_path / "converted.pdf").write_bytes(make_pdf(2))
-    fake_soffice(
-        tmp_path / "bin",
-        f'echo "$@" > {tmp_path}/args\n'
-        'for arg; do [ "$previous" = --outdir ] && out=$arg; previous=$arg; done\n'
-        f'name=$(basename "$arg"); cp {tmp_path}/converted.pdf "$out/${{name%.*}}.pdf"\n',
-    )
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    assert count_pdf_pages(convert_office_to_pdf(b"docx bytes", "report.docx", 60)) == 2
-    args = (tmp_path / "args").read_text()
-    assert "--headless" in args and "--convert-to pdf" in args and "-env:UserInstallation=file://" in args
-    assert args.rstrip().endswith("/document.docx")
-
-
-def test_office_conversion_failure_is_a_400(monkeypatch, tmp_path):
-    fake_soffice(tmp_path / "bin", "echo 'Error: source file could not be loaded'\nexit 1\n")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    message = refusal(InvalidRequest, convert_office_to_pdf, b"junk", "broken.docx", 60)
-    assert message.endswith("convert 'broken.docx' to PDF: Error: source file could not be loaded")
-
-
-def test_office_conversion_timeout_kills_soffice_and_its_children(monkeypatch, tmp_path):
-    fake_soffice(tmp_path / "bin", f"sleep 30 &\necho $! > {tmp_path}/child\nwait\n")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    started = time.monotonic()
-    message = refusal(InvalidRequest, convert_office_to_pdf, b"slow", "slow.pptx", 0.5)
-    assert message == "LibreOffice took longer than 0.5s to convert 'slow.pptx'"
-    assert time.monotonic() - started < 5
-    child = Path(f"/proc/{(tmp_path / 'child').read_text().strip()}/stat")
-    # killed: gone, or a zombie until the init process reaps it
-    assert not child.exists() or child.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 # Text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import time
 
@@ -29,6 +30,7 @@ from common.store.milvus import MilvusStore, page_key
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM
+from .office_files import make_docx
 from .stack import spawn, start_api, start_search_worker, start_worker
 
 PAGES_MODEL = "colqwen2"
@@ -275,6 +277,20 @@ def test_corrupt_pdf_fails_alone(ingest_api):
     assert httpx.get(f"{base}/v1/collections/mixed").json()["count"] == 4
 
 
+@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice is installed by .ci/run")
+def test_office_files_are_converted_and_one_only_named_so_fails_alone(ingest_api):
+    base = ingest_api
+    create_collection(base, "office", PAGES_MODEL)
+    docx_type = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+    files = [("report.docx", make_docx(2), docx_type), ("memo.docx", b"PK\x03\x04 not really", docx_type)]
+    job = wait_job(base, upload(base, "office", files)["id"])
+    by_name = {f["filename"]: f for f in job["files"]}
+    assert by_name["report.docx"]["status"] == "completed" and by_name["report.docx"]["processed"] == 2
+    assert by_name["memo.docx"]["status"] == "failed"
+    assert "is not an office document" in by_name["memo.docx"]["error"]
+    assert httpx.get(f"{base}/v1/collections/office").json()["count"] == 2
+
+
 def test_text_collection_chunks_and_searches(ingest_api):
     base = ingest_api
     created = create_collection(base, "notes", MINILM)
@@ -401,20 +417,6 @@ def test_upload_errors(ingest_api):
         f"{base}/v1/collections/strict/documents", files=[("files", ("n.txt", b"hello", "text/plain"))]
     )
     assert text_into_pages.status_code == 415
-    docx = httpx.post(
-        f"{base}/v1/collections/strict/documents",
-        files=[
-            (
-                "files",
-                (
-                    "memo.docx",
-                    b"PK\x03\x04 not really",
-                    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
-                ),
-            )
-        ],
-    )
-    assert docx.status_code == 415 and "soffice" in docx.json()["error"]["message"]
     assert httpx.post(f"{base}/v1/collections/strict/documents", data={"x": "1"}).status_code == 400
     bad_meta = httpx.post(f"{base}/v1/collections/strict/documents", files=[("files", pdf)], data={"metadata": "{nope"})
     assert bad_meta.status_code == 400

@@ -126,9 +126,12 @@ def model_worker(model: str, device: str | None = None, modalities: list[str] | 
 
 def ingest_worker() -> None:
     """The CPU worker that renders PDFs and chunks text (no model; several processes)."""
+    from common.inputs.office import clean_up_after_dead_workers
+
     from .ingest import tasks  # noqa: F401  (registers the ingestion task)
 
     settings = get_settings()
+    clean_up_after_dead_workers()
     proc = process.start(settings, "ingest")
     JobWatch(proc.redis, proc.jobs, proc.ledger, settings.worker_heartbeat_ttl_s, settings.job_stall_timeout_s).start(
         settings.lost_task_check_s

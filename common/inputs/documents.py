@@ -1,31 +1,24 @@
 """Uploaded files into what the models take: PDF and office pages as images, text as chunks.
 
 PDFs render lazily, page by page, so pages can flow to the GPU in batches while the rest still
-renders; office documents become PDFs through LibreOffice; text is split into overlapping chunks;
-JSONL gives one record a line. Only the ingestion worker loads this module (and PDFium with it).
+renders (office documents become PDFs first: common.inputs.office); text is split into
+overlapping chunks; JSONL gives one record a line. Only the ingestion worker loads this module (and PDFium with it).
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import json
 import math
-import os
 import re
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pypdfium2 as pdfium
 from PIL import Image
 
-from ..errors import InvalidRequest, UnsupportedMediaType
-from .kinds import OFFICE_EXTENSIONS, PARAM
+from ..errors import InvalidRequest
+from .kinds import PARAM
 
 # PDFium is not thread-safe: one document at a time in a process.
 _PDFIUM_LOCK = threading.Lock()
@@ -54,48 +47,6 @@ def render_pdf_pages(
         count = len(pdf)
     pages = range(start, count if stop is None else min(stop, count))
     return _render_pages(pdf, dpi, pages, max_pixels)
-
-
-def convert_office_to_pdf(data: bytes, filename: str, timeout: float) -> bytes:
-    """The PDF of an office document, converted by LibreOffice (`soffice`) in a scratch folder
-    within `timeout` seconds."""
-    extension = Path(filename).suffix.lower()
-    soffice = shutil.which("soffice")
-    if soffice is None:
-        raise UnsupportedMediaType(
-            f"converting {extension or 'office'} files to PDF needs LibreOffice (soffice) on the "
-            "PATH, and this server has none; upload a PDF instead",
-            PARAM,
-        )
-    with tempfile.TemporaryDirectory(prefix="embedq-office-") as scratch:
-        source = Path(scratch, "document" + (extension if extension in OFFICE_EXTENSIONS else ""))
-        source.write_bytes(data)
-        command = [
-            soffice,
-            "--headless",
-            "--norestore",
-            # A private profile: soffice does nothing when another instance holds the default one.
-            f"-env:UserInstallation={Path(scratch, 'profile').as_uri()}",
-            "--convert-to",
-            "pdf",
-            "--outdir",
-            scratch,
-            str(source),
-        ]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # soffice starts soffice.bin as a child: end the whole process group.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise InvalidRequest(f"LibreOffice took longer than {timeout:g}s to convert {filename!r}", PARAM) from None
-        target = source.with_suffix(".pdf")
-        if process.returncode != 0 or not target.is_file():
-            detail = output.decode(errors="replace").strip()[-500:] or f"exit status {process.returncode}"
-            raise InvalidRequest(f"LibreOffice could not convert {filename!r} to PDF: {detail}", PARAM)
-        return target.read_bytes()
 
 
 def decode_text(data: bytes) -> str:

@@ -72,8 +72,10 @@ def detect_kind(filename: str | None, content_type: str | None, head: bytes) -> 
     for signature, kind in _SIGNATURES:
         if signature.match(head):
             return kind
-    # Otherwise trust the claim, except a zip archive's claim to be anything but office.
-    if claimed == "office" or (claimed is not None and not head.startswith(_ZIP)):
+    # Otherwise trust the claim where the content agrees: a zip archive can only be an office
+    # document (the worker checks its parts before LibreOffice sees it), and an office document
+    # that is no zip has a signature above.
+    if claimed is not None and (claimed == "office") == head.startswith(_ZIP):
         return claimed
     described = f"{filename!r}" + (f" ({media_type})" if media_type else "")
     raise UnsupportedMediaType(f"unsupported file type for {described}; {_ACCEPTED}", PARAM)

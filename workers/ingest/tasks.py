@@ -18,7 +18,6 @@ from common.contract import INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, INGEST_TASK
 from common.errors import EmbedqError, InvalidRequest
 from common.inputs.documents import (
     chunk_text,
-    convert_office_to_pdf,
     count_pdf_pages,
     decode_text,
     parse_jsonl,
@@ -26,6 +25,7 @@ from common.inputs.documents import (
 )
 from common.inputs.images import encode_png, load_image
 from common.inputs.kinds import detect_kind
+from common.inputs.office import convert_office_to_pdf
 from common.jobs.state import JobStore
 from common.jobs.units import chunk_unit, page_unit
 from common.store.blobs import page_key
@@ -131,7 +131,8 @@ def _ingest(job_id: str, index: int, collection: str, model: str, content_type: 
         kind = detect_kind(info["filename"], content_type, data[:8192])
         jobs.set_kind(job_id, index, kind)
         if kind == "office":
-            data, kind = convert_office_to_pdf(data, info["filename"], settings.office_timeout_s), "pdf"
+            pdf = convert_office_to_pdf(data, info["filename"], settings.office_timeout_s, settings.office_memory_mb)
+            data, kind = pdf, "pdf"
         if kind == "pdf":
             _queue_pdf(file, data)
         elif kind == "image":
