@@ -57,6 +57,12 @@ def worker_stats(worker: str) -> str:
     return f"embedq:worker-stats:{worker}"
 
 
+# Sorted set: model worker whose backend adds stats of its own to its worker_stats hash (an upstream
+# backend's replicas, JSON under `upstreams`) -> unix time it last published them. `/health/ready` and
+# `/metrics` find those workers here, so a worker shows its upstreams while it is out of the live sets.
+BACKEND_STATS_WORKERS = "embedq:workers:backend-stats"
+
+
 def job(job_id: str) -> str:
     """Hash: a job's state and counters (see common.jobs)."""
     return f"embedq:job:{job_id}"

@@ -73,8 +73,22 @@ class Settings(BaseSettings):
     worker_heartbeat_ttl_s: int = 15
     task_events: bool = True  # Celery task events, for Flower
 
+    # Upstream embedding servers (workers.backends.upstream): each replica's health is checked with a
+    # one-input embedding call this often; one that fails this many times in a row (requests or checks)
+    # is out of rotation for the cool-down; a request to one gives up after the timeout.
+    upstream_health_every_s: float = Field(default=2.0, gt=0)
+    upstream_failures: int = Field(default=2, gt=0)
+    upstream_cooldown_s: float = Field(default=10.0, gt=0)
+    upstream_timeout_s: float = Field(default=60.0, gt=0)
+    # How a `backend: vllm` worker runs vLLM, which pins a torch of its own and so lives in its own
+    # environment; loading (and compiling) a large model takes minutes.
+    vllm_command: str = "vllm"
+    vllm_start_timeout_s: float = Field(default=1800.0, gt=0)
+
     # Ingestion jobs and the vector store
     milvus_uri: str = "http://127.0.0.1:19530"
+    # For a Milvus with auth on: `user:password` (or an API key); empty for one without (Milvus Lite).
+    milvus_token: str = ""
     job_ttl_s: int = 7 * 24 * 3600
     # A worker's write to Milvus waits out a Milvus that cannot be reached this long (a restart),
     # trying again with backoff, before the batch fails.

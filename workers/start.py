@@ -48,10 +48,12 @@ def _consume(
     alive_sets: list[str],
     alive: Callable[[], bool] = lambda: True,
     extra: Callable[[], None] = lambda: None,
+    serving: Callable[[], bool] = lambda: True,
 ) -> None:
     """Run the Celery worker on `queues` in the foreground. From the moment it consumes, it beats in
-    `alive_sets` and renews the leases of the messages it holds (common.delivery.leases); the
-    moment it starts stopping, it leaves the sets, so the API routes nothing more to it."""
+    `alive_sets` (while `serving()`) and renews the leases of the messages it holds
+    (common.delivery.leases); the moment it starts stopping, it leaves the sets, so the API routes
+    nothing more to it."""
     settings = proc.settings
 
     def beat_extra() -> None:
@@ -66,6 +68,7 @@ def _consume(
         settings.heartbeat_every_s,
         alive=alive,
         extra=beat_extra,
+        serving=serving,
     )
 
     @signals.worker_ready.connect(weak=False)
@@ -113,6 +116,10 @@ def model_worker(model: str, device: str | None = None, modalities: list[str] | 
         gate.reconcile()
         runtime.publish_stats(proc.redis, proc.name, settings.worker_heartbeat_ttl_s)
 
+    @signals.worker_shutdown.connect(weak=False)
+    def _stopped(**_: object) -> None:
+        runtime.close()  # after the tasks: a server the backend supervises stops with the worker
+
     _consume(
         proc,
         [embed_queue(model, m) for m in modalities],
@@ -121,6 +128,7 @@ def model_worker(model: str, device: str | None = None, modalities: list[str] | 
         [keys.workers_alive(spec.name, m) for m in modalities],
         alive=lambda: runtime.batcher.alive,
         extra=beat_extra,
+        serving=runtime.available,
     )
 
 

@@ -1,7 +1,8 @@
 """Health: `/healthz` and `/health/live` (the process answers), `/health/ready` (Redis answers and
 every served model has a live, warmed worker for each of its modalities; it also counts the live
-ingestion and search workers, which uploads and page searches need, and, under `embedq up`, names
-the processes that keep failing). Never behind auth."""
+ingestion and search workers, which uploads and page searches need, the state of each upstream
+server of the models that such servers compute, and, under `embedq up`, names the processes that
+keep failing). Never behind auth."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse
 from common import keys
 from common.delivery.heartbeat import live_workers
 
+from .. import upstreams
 from ..deps import RedisDep, RegistryDep, SettingsDep
 
 router = APIRouter(tags=["health"])
@@ -37,6 +39,7 @@ async def ready(client: RedisDep, registry: RegistryDep, settings: SettingsDep) 
                 live_workers(pipe, key, settings.worker_heartbeat_ttl_s)
             pipe.hgetall(keys.STACK_CHILDREN)
             *members, stack = await pipe.execute()
+        fronting = await upstreams.read(client, settings.worker_heartbeat_ttl_s)
     except Exception as exc:
         return JSONResponse({"status": "unavailable", "redis": f"error: {exc}"}, 503)
     *counts, ingest_workers, search_workers = map(len, members)
@@ -50,6 +53,7 @@ async def ready(client: RedisDep, registry: RegistryDep, settings: SettingsDep) 
             "workers": workers,
             "ingest_workers": ingest_workers,
             "search_workers": search_workers,
+            "upstreams": upstreams.ready_view(fronting),
             # Under `embedq up`: the processes it restarts again and again.
             "failing": sorted(name for name, state in children.items() if state["failing"]),
         },

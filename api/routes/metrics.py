@@ -23,6 +23,7 @@ from common.delivery.heartbeat import live_workers
 from common.registry import Registry
 from common.settings import Settings
 
+from .. import upstreams
 from ..deps import RedisDep, RegistryDep, SettingsDep
 from ..metrics import HttpStats
 
@@ -95,6 +96,7 @@ class RedisReading:
             pages.add_metric([worker], int(stats.get("pages", 0)))
         yield kernel
         yield pages
+        yield from upstreams.families(self.worker_stats)
 
 
 async def read_redis(client: aioredis.Redis, registry: Registry, settings: Settings) -> RedisReading:
@@ -104,13 +106,15 @@ async def read_redis(client: aioredis.Redis, registry: Registry, settings: Setti
             pipe.llen(embed_queue(model, modality))
             live_workers(pipe, keys.workers_alive(model, modality), settings.worker_heartbeat_ttl_s)
         live_workers(pipe, keys.SEARCH_WORKERS_ALIVE, settings.worker_heartbeat_ttl_s)
-        *replies, searchers = await pipe.execute()
+        live_workers(pipe, keys.BACKEND_STATS_WORKERS, settings.worker_heartbeat_ttl_s)
+        *replies, searchers, fronting = await pipe.execute()
     depths, alive = replies[0::2], replies[1::2]
     searchers = sorted(member.decode() for member in searchers)
     # Live workers come from the heartbeat sets, not from a SCAN for stats hashes: a SCAN walks the
     # whole keyspace, about 0.5 s of Redis time per scrape with the million task results that a
     # busy API keeps.
-    workers = sorted({member.decode() for members in alive for member in members})
+    # and those fronting upstreams, which are out of the live sets while every upstream is down.
+    workers = sorted({member.decode() for members in [*alive, fronting] for member in members})
     async with client.pipeline(transaction=False) as pipe:
         for worker in workers + searchers:
             pipe.hgetall(keys.worker_stats(worker))

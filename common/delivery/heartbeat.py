@@ -51,7 +51,8 @@ def leave(client: redis.Redis, sets: list[str], name: str) -> None:
 class Heartbeat:
     """A daemon thread that beats every `every_s` while `alive()`, running `extra` after each beat
     (a worker renews its leases there), and leaves the sets when `alive()` turns false or `stop`
-    is called, whichever comes first."""
+    is called, whichever comes first. While `serving()` is false (a worker whose upstreams are all
+    down) it stays out of the sets but goes on running `extra`, and beats again once it is true."""
 
     def __init__(
         self,
@@ -62,9 +63,11 @@ class Heartbeat:
         every_s: float,
         alive: Callable[[], bool] = lambda: True,
         extra: Callable[[], None] = lambda: None,
+        serving: Callable[[], bool] = lambda: True,
     ):
         self._client, self._sets, self._name, self._ttl, self._every = client, sets, name, ttl_s, every_s
-        self._alive, self._extra = alive, extra
+        self._alive, self._extra, self._serving = alive, extra, serving
+        self._out = False  # out of the sets while not serving
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedq-heartbeat", daemon=True)
         self._redis_run: str | None = None  # the run id of the Redis server, to notice its restarts
@@ -91,7 +94,13 @@ class Heartbeat:
     def _run(self) -> None:
         while self._alive() and not self._stopped.is_set():
             try:
-                beat(self._client, self._sets, self._name, self._ttl)
+                if self._serving():
+                    beat(self._client, self._sets, self._name, self._ttl)
+                    self._out = False
+                elif not self._out:
+                    log.warning("%s cannot serve now; out of the live sets until it can", self._name)
+                    leave(self._client, self._sets, self._name)
+                    self._out = True
                 self._notice_restart()
                 self._extra()
             except redis.RedisError as exc:

@@ -31,12 +31,13 @@ def _own_group_dying_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen:
+def spawn(args: list[str], *, tied: bool = False, **kwargs: Any) -> subprocess.Popen:
     """A child process in its own process group. Spawned from the main thread, it gets SIGTERM if
     this process dies; the kernel ties that to the spawning thread, so a child spawned from
-    another thread does not get it (it would die with that thread)."""
-    main = threading.current_thread() is threading.main_thread()
-    return subprocess.Popen(args, preexec_fn=_own_group_dying_with_parent if main else _own_group, **kwargs)
+    another thread does not get it (it would die with that thread), unless `tied` says that thread
+    lives as long as the process (a supervising thread)."""
+    tied = tied or threading.current_thread() is threading.main_thread()
+    return subprocess.Popen(args, preexec_fn=_own_group_dying_with_parent if tied else _own_group, **kwargs)
 
 
 def free_port() -> int:

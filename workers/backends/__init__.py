@@ -12,7 +12,12 @@ from .torch_compat import ensure_torchvision
 
 ensure_torchvision()  # transformers and colpali-engine import torchvision
 
-_MODULES = {"text": "workers.backends.text", "colpali": "workers.backends.colpali"}
+_MODULES = {
+    "text": "workers.backends.text",
+    "colpali": "workers.backends.colpali",
+    "openai": "workers.backends.upstream",
+    "vllm": "workers.backends.vllm",
+}
 
 
 def create_backend(spec: ModelSpec, device: str, settings: Settings) -> Backend:

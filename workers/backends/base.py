@@ -5,8 +5,17 @@ No torch type crosses it. A backend knows nothing of queues; the batcher knows n
 The three phases follow Infinity's contract: `prepare` runs on the CPU for one input (tokenize,
 decode an image) and says what it costs; `embed` runs one forward pass over a batch of prepared
 inputs and returns one float32 array per input: shape `(dim,)` for a pooled vector or
-`(n_tokens, dim)` for late-interaction token vectors (valid rows only); `finalize`, shared by all
-backends, post-processes one input's output as its request asks.
+`(n_tokens, dim)` for late-interaction token vectors (valid rows only), or, for an input that
+failed on its own (an upstream refused it), the exception its request gets; `finalize`, shared by
+all backends, post-processes one input's output as its request asks.
+
+A backend may also have, and the worker uses when it does (none of them is needed):
+- `passes_in_flight: int`: how many batches it takes at once (an upstream: its replicas' total
+  concurrency), each from its own thread; 1 otherwise;
+- `available() -> bool`: whether it can compute now (an upstream with no healthy replica cannot);
+  while it cannot, the worker is out of the live sets and the API answers 503 at once;
+- `stats() -> dict[str, str]`: more fields for the worker's stats hash (keys.worker_stats);
+- `close()`: release what it started (a server it supervises), when the worker stops.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ class EmbedInput:
     image: bytes | None = None  # encoded image file bytes (PNG, JPEG, ...)
     input_type: Literal["query", "document"] = "document"
     truncate: bool = True
+    dimensions: int | None = None  # the Matryoshka size asked for, for a backend that computes it itself
 
 
 @dataclass
@@ -42,7 +52,7 @@ class Prepared:
     share, or visual tokens); `n_tokens` is what `usage` reports; `payload` is the backend's own."""
 
     cost: int
-    n_tokens: int
+    n_tokens: int  # a backend that learns it only from the forward pass (an upstream's usage) sets it in `embed`
     payload: Any = field(repr=False)
 
 
@@ -57,7 +67,7 @@ class Backend(Protocol):
         """Raise `common.errors.InputTooLong` / `InvalidRequest` for an input that cannot run."""
         ...
 
-    def embed(self, batch: Sequence[Prepared]) -> list[np.ndarray]: ...
+    def embed(self, batch: Sequence[Prepared]) -> list[np.ndarray | Exception]: ...
 
 
 def finalize(array: np.ndarray, *, pooled: bool, normalize: bool, dimensions: int | None) -> np.ndarray:

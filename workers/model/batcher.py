@@ -7,9 +7,14 @@ passes of similar lengths rather than one padded to the longest (a FIFO batch of
 to several times its real tokens); each pass answers its requests as soon as it is done. Text goes before images, so a burst of
 pages never makes a short query wait behind it for more than the batch already running.
 
-It knows nothing of models: `run` takes a list of prepared inputs and returns one array each, or
-raises. A failed batch sends its error to every request in it; `OutOfMemory` splits the batch
-and retries the halves, so a request that fits alone never fails for its neighbours.
+It knows nothing of models: `run` takes a list of prepared inputs and returns one array each (or
+the exception of an input that failed on its own), or raises. A failed batch sends its error to
+every request in it; `OutOfMemory` splits the batch and retries the halves, so a request that fits
+alone never fails for its neighbours.
+
+A backend that waits on servers rather than on a device (an upstream) asks for several takes in
+flight: each then runs on a thread of its own, and the batcher takes again as soon as one of those
+is free, so what arrives meanwhile makes the next batch instead of waiting for the one in flight.
 
 Each submission says where it came from (`Origin`): an input whose deadline has passed, or whose
 origin `dropped` names (a caller that has gone), is answered `Dropped` without being computed; an
@@ -26,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -88,7 +93,8 @@ def forward_passes(batch: list[_Pending]) -> list[list[_Pending]]:
     return [*passes, current] if current else passes
 
 
-RunBatch = Callable[[Sequence[Prepared]], list[np.ndarray]]
+RunBatch = Callable[[Sequence[Prepared]], list[np.ndarray | Exception]]
+SLOT_WAIT_S = 0.5  # how often a batcher waiting for a free take looks whether it is stopping
 
 
 class Batcher:
@@ -100,8 +106,10 @@ class Batcher:
         modalities: Sequence[str] = ("text", "image"),
         dropped: Callable[[str], bool] = lambda tag: False,
         counted: Callable[[str, int], None] = lambda modality, n: None,
+        in_flight: int = 1,
     ):
-        """`counted(modality, n)` hears of every batch of `n` inputs computed, before their callers do."""
+        """`counted(modality, n)` hears of every batch of `n` inputs computed, before their callers do;
+        `in_flight`: takes run at once (more than 1: each on a thread of its own)."""
         self._run = run
         self._dropped = dropped
         self._counted = counted
@@ -111,6 +119,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="embedq-batcher", daemon=True)
+        self._slots = threading.BoundedSemaphore(in_flight)
+        self._passes = ThreadPoolExecutor(in_flight, thread_name_prefix="embedq-pass") if in_flight > 1 else None
+        self._stats_lock = threading.Lock()
         self.stats = BatcherStats()
         self.error: BaseException | None = None
 
@@ -122,6 +133,8 @@ class Batcher:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=10)
+        if self._passes is not None:
+            self._passes.shutdown(wait=False)
 
     @property
     def alive(self) -> bool:
@@ -163,34 +176,65 @@ class Batcher:
             return pending.future.set_running_or_notify_cancel()
         if pending.future.set_running_or_notify_cancel():
             pending.future.set_exception(Dropped("its caller has gone or its deadline has passed"))
-        self.stats.dropped += 1
+        self._count("dropped")
         return False
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def _free_slot(self) -> bool:
+        """Wait for a take to be free to run; False when the batcher is stopping."""
+        while not self._slots.acquire(timeout=SLOT_WAIT_S):
+            if self._stopping:
+                return False
+        return True
 
     def _loop(self) -> None:
         taken: list[_Pending] = []
         try:
-            while (took := self._take()) is not None:
+            while self._free_slot() and (took := self._take()) is not None:
                 modality, taken = took
                 now = time.time()
                 taken = [p for p in taken if self._wanted(p, now)]
                 taken.sort(key=lambda p: p.item.cost)
-                for forward_pass in forward_passes(taken):
-                    if forward_pass[0].origin.alone:
-                        with forward_pass[0].origin.guard():
-                            self._run_or_split(modality, forward_pass)
-                    else:
-                        self._run_or_split(modality, forward_pass)
+                if self._passes is None:
+                    self._run_take(modality, taken)
+                    self._slots.release()
+                else:
+                    self._passes.submit(self._run_take_in_flight, modality, taken)
+                    taken = []
         except BaseException as exc:  # a dead batcher must not leave requests waiting forever
-            log.exception("batcher thread died")
-            with self._cond:
-                self.error = exc
-                stranded = list(taken or [])
-                for queue in self._queues.values():
-                    stranded.extend(queue)
-                    queue.clear()
-            for p in stranded:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+            self._die(exc, taken)
+
+    def _run_take(self, modality: str, taken: list[_Pending]) -> None:
+        for forward_pass in forward_passes(taken):
+            if forward_pass[0].origin.alone:
+                with forward_pass[0].origin.guard():
+                    self._run_or_split(modality, forward_pass)
+            else:
+                self._run_or_split(modality, forward_pass)
+
+    def _run_take_in_flight(self, modality: str, taken: list[_Pending]) -> None:
+        try:
+            self._run_take(modality, taken)
+        except BaseException as exc:
+            self._die(exc, taken)
+        finally:
+            self._slots.release()
+
+    def _die(self, exc: BaseException, taken: list[_Pending]) -> None:
+        """Fail what was taken and everything pending with `exc`; the batcher is not alive after."""
+        log.exception("batcher thread died")
+        with self._cond:
+            self.error = exc
+            stranded = list(taken or [])
+            for queue in self._queues.values():
+                stranded.extend(queue)
+                queue.clear()
+        for p in stranded:
+            if not p.future.done():
+                p.future.set_exception(exc)
 
     def _run_or_split(self, modality: str, batch: list[_Pending]) -> None:
         if not batch:
@@ -199,23 +243,27 @@ class Batcher:
             outputs = self._run([p.item for p in batch])
         except OutOfMemory as exc:
             if len(batch) == 1:
-                self.stats.failed_batches += 1
+                self._count("failed_batches")
                 batch[0].future.set_exception(exc)
                 return
-            self.stats.oom_splits += 1
+            self._count("oom_splits")
             log.warning("out of memory on a batch of %d; splitting", len(batch))
             half = len(batch) // 2
             self._run_or_split(modality, batch[:half])
             self._run_or_split(modality, batch[half:])
             return
         except Exception as exc:
-            self.stats.failed_batches += 1
+            self._count("failed_batches")
             log.exception("batch of %d failed", len(batch))
             for p in batch:
                 p.future.set_exception(exc)
             return
-        self.stats.batches += 1
-        self.stats.items += len(batch)
-        self._counted(modality, len(batch))
+        computed = sum(not isinstance(out, Exception) for out in outputs)
+        self._count("batches")
+        self._count("items", computed)
+        self._counted(modality, computed)
         for p, out in zip(batch, outputs):
-            p.future.set_result(out)
+            if isinstance(out, Exception):
+                p.future.set_exception(out)
+            else:
+                p.future.set_result(out)

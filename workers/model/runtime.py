@@ -2,7 +2,8 @@
 
 A worker serves one model on one device; `load_runtime` loads and warms the model before the
 worker consumes anything. Its heartbeat (workers.start) tells the API the worker is live and warm
-while the batcher runs, and publishes the batcher's counters with each beat. The inputs it computes
+while the batcher runs and the backend can compute, and publishes the batcher's counters with each
+beat, with the backend's own stats when it has some (an upstream's replicas). The inputs it computes
 are added to the service's totals (keys.ITEMS) batch by batch, so that a worker killed loses none
 of the count.
 """
@@ -39,12 +40,30 @@ class Runtime:
     device: str
 
     def publish_stats(self, client: redis.Redis, worker: str, ttl_s: float) -> None:
-        """The batcher's counters, with this worker's model and device, in its `worker_stats` hash."""
+        """The batcher's counters, with this worker's model and device and the backend's own stats,
+        in its `worker_stats` hash; a backend with stats of its own also lists the worker in
+        keys.BACKEND_STATS_WORKERS."""
         key = keys.worker_stats(worker)
+        backend_stats = self.backend.stats() if hasattr(self.backend, "stats") else {}
         with client.pipeline() as pipe:
-            pipe.hset(key, mapping={"model": self.spec.name, "device": self.device, **asdict(self.batcher.stats)})
+            stats = {"model": self.spec.name, "device": self.device, **asdict(self.batcher.stats), **backend_stats}
+            pipe.hset(key, mapping=stats)
             pipe.expire(key, ttl_s)
+            if backend_stats:
+                now = time.time()
+                pipe.zadd(keys.BACKEND_STATS_WORKERS, {worker: now})
+                pipe.zremrangebyscore(keys.BACKEND_STATS_WORKERS, 0, now - ttl_s)
             pipe.execute()
+
+    def available(self) -> bool:
+        """Whether the backend can compute now (one with no `available` always can)."""
+        return self.backend.available() if hasattr(self.backend, "available") else True
+
+    def close(self) -> None:
+        """Stop the batcher, then release what the backend started."""
+        self.batcher.stop()
+        if hasattr(self.backend, "close"):
+            self.backend.close()
 
 
 class EmbeddedCount:
@@ -87,6 +106,7 @@ def load_runtime(
         ("text", "image"),
         dropped=lambda tag: tag in state.revoked,
         counted=EmbeddedCount(client, spec.name),
+        in_flight=getattr(backend, "passes_in_flight", 1),
     )
     batcher.start()
     return Runtime(spec, backend, batcher, modalities, str(getattr(backend, "device", device)))

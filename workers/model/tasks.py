@@ -118,7 +118,10 @@ def embed(
         raise InvalidRequest(f"The model '{model}' gives one vector per input; output must be 'pooled'.", "output")
     if reason := exhausted(self):
         raise BackendError(f"These inputs were not embedded: {reason}.")
-    items = [EmbedInput(modality=modality, input_type=input_type, truncate=truncate, **entry) for entry in inputs]
+    items = [
+        EmbedInput(modality=modality, input_type=input_type, truncate=truncate, dimensions=dimensions, **entry)
+        for entry in inputs
+    ]
     width = np.dtype(dtype).itemsize * (dimensions or process.current().runtime.backend.dim)
 
     def check_size(prepared: list[Prepared]) -> None:
