@@ -136,7 +136,7 @@ def test_no_replica_alive_is_503_at_once(api):
     started = time.monotonic()
     response = httpx.post(f"{api}/v1/embeddings", json={"model": DEAD, "input": ["hi"]}, timeout=30)
     assert response.status_code == 503, response.text
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0  # not the 30 s request timeout: nothing was queued
     response = httpx.get(f"{api}/health/ready", timeout=10)
     ready = response.json()
     assert response.status_code == 503 and ready["workers"][f"{DEAD}/text"] == 0
