@@ -4,7 +4,8 @@ common.launch.served, behind a real worker and API, driven with the official `op
 
 Vectors equal sentence-transformers'; usage and truncation come from the worker's tokenizer; an
 upstream's 4xx is a 400 with its message; a replica SIGKILLed under load loses no request, is
-started again by the launcher and rejoins; a model with no replica alive answers 503 at once.
+started again by the launcher and rejoins; a model with no replica alive answers 503 at once, and a
+worker whose replicas all stop leaves the live set until they are back.
 """
 
 from __future__ import annotations
@@ -179,3 +180,30 @@ def test_a_replica_killed_under_load_loses_no_request_and_rejoins(api, client, r
     ]
     assert errors and any(float(line.rsplit(" ", 1)[1]) > 0 for line in errors), metrics
     assert "embedq_upstream_request_duration_seconds_bucket" in metrics
+
+
+def test_a_worker_whose_replicas_all_stop_leaves_the_live_set_and_comes_back(api, client, replicas, logs):
+    """Runs last: it stops both replicas, then serves again from new ones on the same ports."""
+    ports = [int(server.health_url.split(":")[-1].removesuffix("/health")) for server in replicas]
+    for server in replicas:
+        server.stop()
+
+    def live() -> int:
+        return httpx.get(f"{api}/health/ready", timeout=10).json()["workers"][f"{MODEL}/text"]
+
+    deadline = time.monotonic() + 20
+    while live():
+        assert time.monotonic() < deadline, "the worker kept beating with no replica up"
+        time.sleep(0.2)
+    started = time.monotonic()
+    response = httpx.post(f"{api}/v1/embeddings", json={"model": MODEL, "input": ["hi"]}, timeout=30)
+    assert response.status_code == 503 and time.monotonic() - started < 2.0, response.text
+
+    replicas[:] = [stack.infinity(port, logs / f"infinity-again-{port}.log").start() for port in ports]
+    for server in replicas:
+        server.wait_healthy(120)
+    deadline = time.monotonic() + 30
+    while not live():
+        assert time.monotonic() < deadline, "the worker did not beat again once its replicas were up"
+        time.sleep(0.2)
+    assert len(client.embeddings.create(model=MODEL, input=TEXTS).data) == len(TEXTS)
