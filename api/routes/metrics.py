@@ -48,6 +48,41 @@ ITEM_COUNTERS = {
 }
 
 
+# The embedding cache's lookups in keys.CACHE_COUNTS, `<what>:<path>:<model>:<modality>`.
+CACHE_COUNTERS = {
+    "hits": "Inputs the embedding cache answered (path: online requests, or ingest pages and chunks).",
+    "misses": "Inputs looked up in the embedding cache and computed.",
+    "errors": "Lookups and writes that failed because the cache was unreachable or too slow.",
+}
+# The cache Redis's own numbers (common.cache.client.AsyncCache.stats).
+CACHE_GAUGES = {
+    "bytes": ("gauge", "Memory the embedding cache's Redis uses."),
+    "max_bytes": ("gauge", "The embedding cache's memory bound (its Redis' maxmemory; 0: none)."),
+    "entries": ("gauge", "Entries in the embedding cache."),
+    "evictions": ("counter", "Entries the embedding cache's Redis evicted to stay within its bound."),
+}
+
+
+def cache_counters(counts: dict[str, int]) -> Iterator[Metric]:
+    for what, help_text in CACHE_COUNTERS.items():
+        counter = CounterMetricFamily(f"embedq_cache_{what}", help_text, labels=["path", "model", "modality"])
+        for key, count in sorted(counts.items()):
+            kind, path, rest = key.split(":", 2)
+            if kind == what:
+                model, _, modality = rest.rpartition(":")
+                counter.add_metric([path, model, modality], count)
+        yield counter
+
+
+def cache_gauges(stats: dict[str, int] | None) -> Iterator[Metric]:
+    """The cache Redis's numbers, or `embedq_cache_up 0` alone (the cache is off or unreadable)."""
+    yield GaugeMetricFamily("embedq_cache_up", "1 when this scrape could read the embedding cache.", int(bool(stats)))
+    for name, (kind, help_text) in CACHE_GAUGES.items():
+        if stats:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"embedq_cache_{name}", help_text, value=stats[name])
+
+
 @dataclass
 class RedisReading:
     """What one scrape read from Redis."""
@@ -57,6 +92,7 @@ class RedisReading:
     worker_stats: dict[str, dict[str, str]] = field(default_factory=dict)  # worker name -> its hash
     items: dict[str, int] = field(default_factory=dict)  # keys.ITEMS: `sent|embedded:<model>:<modality>` -> count
     search_stats: dict[str, dict[str, str]] = field(default_factory=dict)  # search worker -> its hash
+    cache_counts: dict[str, int] = field(default_factory=dict)  # keys.CACHE_COUNTS
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -95,6 +131,7 @@ class RedisReading:
             pages.add_metric([worker], int(stats.get("pages", 0)))
         yield kernel
         yield pages
+        yield from cache_counters(self.cache_counts)
 
 
 async def read_redis(client: aioredis.Redis, registry: Registry, settings: Settings) -> RedisReading:
@@ -115,7 +152,8 @@ async def read_redis(client: aioredis.Redis, registry: Registry, settings: Setti
         for worker in workers + searchers:
             pipe.hgetall(keys.worker_stats(worker))
         pipe.hgetall(keys.ITEMS)
-        *hashes, items = await pipe.execute()
+        pipe.hgetall(keys.CACHE_COUNTS)
+        *hashes, items, cache_counts = await pipe.execute()
     decoded = [{k.decode(): v.decode() for k, v in raw.items()} for raw in hashes]
     return RedisReading(
         queue_depth=dict(zip(served, depths)),
@@ -124,6 +162,7 @@ async def read_redis(client: aioredis.Redis, registry: Registry, settings: Setti
         worker_stats={worker: stats for worker, stats in zip(workers, decoded) if stats},
         items={k.decode(): int(v) for k, v in items.items()},
         search_stats={worker: stats for worker, stats in zip(searchers, decoded[len(workers) :]) if stats},
+        cache_counts={k.decode(): int(v) for k, v in cache_counts.items()},
     )
 
 
@@ -137,8 +176,15 @@ class _Families:
         return self.families
 
 
-def render(http: HttpStats, reading: RedisReading | None, resent: int = 0, revoked: int = 0) -> bytes:
-    """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them."""
+def render(
+    http: HttpStats,
+    reading: RedisReading | None,
+    resent: int = 0,
+    revoked: int = 0,
+    cache: dict[str, int] | None = None,
+) -> bytes:
+    """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them,
+    then the embedding cache's Redis's."""
     families = list(http.collect())
     families.append(
         CounterMetricFamily(
@@ -157,6 +203,7 @@ def render(http: HttpStats, reading: RedisReading | None, resent: int = 0, revok
     families.append(
         GaugeMetricFamily("embedq_redis_up", "1 when this scrape could read Redis.", value=int(reading is not None))
     )
+    families += cache_gauges(cache)
     return generate_latest(_Families(families))
 
 
@@ -168,6 +215,7 @@ async def metrics(request: Request, client: RedisDep, registry: RegistryDep, set
         # Still answer: the HTTP counters are worth having while Redis is down.
         log.warning("metrics: reading Redis failed", exc_info=True)
         reading = None
-    waiter = request.app.state.waiter
-    body = render(request.app.state.http_stats, reading, waiter.resent, waiter.revoked)
+    waiter, cache = request.app.state.waiter, request.app.state.cache
+    cache_stats = await cache.stats() if cache else None
+    body = render(request.app.state.http_stats, reading, waiter.resent, waiter.revoked, cache_stats)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
