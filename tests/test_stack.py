@@ -112,7 +112,7 @@ def test_up_brings_its_own_parts_restarts_a_dead_child_and_stops_them(models_fil
         bound = cache.config_get("maxmemory*")
         assert (bound["maxmemory"], bound["maxmemory-policy"]) == (str(1024 * 2**20), "allkeys-lru")
         httpx.post(f"{up.base}/v1/embeddings", json={"model": MINILM, "input": "hi"}, timeout=30).raise_for_status()
-        hits = f'embedq_cache_hits_total{{path="online",model="{MINILM}",modality="text"}} 1.0'
+        hits = f'embedq_cache_hits_total{{modality="text",model="{MINILM}",path="online"}} 1.0'
         deadline = time.monotonic() + 10  # the API adds its counts to Redis every second
         while hits not in httpx.get(f"{up.base}/metrics", timeout=5).text:
             assert time.monotonic() < deadline, "no cache hit counted"
