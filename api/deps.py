@@ -1,21 +1,21 @@
-"""Dependency shortcuts for routes: settings, Redis, the dispatcher, and the API-key check."""
+"""Dependency shortcuts for routes: settings, Redis, the dispatcher, the store, and the caller."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import TYPE_CHECKING, Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
-from common.errors import ServiceUnavailable, Unauthorized
+from common.errors import ServiceUnavailable
 from common.jobs.events import EventFeed
 from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
 from common.registry import Registry
 from common.settings import Settings
 from common.store.changes import PageChanges
+from common.tenants import Principal
 
 from .dispatch import Dispatcher
 from .results import Gone
@@ -57,12 +57,17 @@ def get_events(request: Request) -> EventFeed:
     return request.app.state.events
 
 
+def get_principal(request: Request) -> Principal:
+    """Who the caller is, as api.auth found from its key before the route ran."""
+    return request.state.principal
+
+
 class LazyStore:
     """The Milvus store, connected on first use: the embedding routes never wait on Milvus, and
     the API starts while Milvus is still coming up."""
 
-    def __init__(self, uri: str, changes: PageChanges):
-        self._uri = uri
+    def __init__(self, settings: Settings, changes: PageChanges):
+        self._settings = settings
         self._changes = changes  # the API deletes documents and drops collections
         self._store: MilvusStore | None = None
         self._lock = asyncio.Lock()
@@ -73,9 +78,10 @@ class LazyStore:
                 from common.store.milvus import MilvusStore  # pymilvus: only when a route needs it
 
                 try:
-                    self._store = await asyncio.to_thread(MilvusStore, self._uri, changes=self._changes)
+                    self._store = await asyncio.to_thread(MilvusStore.connect, self._settings, self._changes)
                 except Exception as exc:
-                    raise ServiceUnavailable(f"The vector store at {self._uri} is not reachable: {exc}") from exc
+                    where = self._settings.milvus_uri
+                    raise ServiceUnavailable(f"The vector store at {where} is not reachable: {exc}") from exc
             return self._store
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -102,20 +108,4 @@ JobsDep = Annotated[JobStore, Depends(get_jobs)]
 GoneDep = Annotated[Gone, Depends(get_gone)]
 LedgerDep = Annotated[JobLedger, Depends(get_ledger)]
 EventsDep = Annotated[EventFeed, Depends(get_events)]
-
-
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """`Authorization: Bearer <key>` against EMBEDQ_API_KEYS; open when none are configured."""
-    if not settings.api_keys:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    given_bytes = given.strip().encode()
-    # Compare against every key without stopping early, so timing reveals nothing.
-    matched = False
-    for key in settings.api_keys:
-        matched |= hmac.compare_digest(given_bytes, key.encode())
-    if scheme.lower() != "bearer" or not matched:
-        raise Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'.")
-
-
-Authorized = [Depends(require_api_key)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -185,7 +185,13 @@ class Dispatcher:
         return {member.decode() for member in members}
 
     async def search_pages(
-        self, collection: str, query: np.ndarray, top_k: int, filter: str | None, gone: Gone | None = None
+        self,
+        collection: str,
+        query: np.ndarray,
+        top_k: int,
+        filter: str | None,
+        gone: Gone | None = None,
+        tenant: str | None = None,
     ) -> list[dict[str, Any]]:
         """The `top_k` pages of a late-interaction collection by exact MaxSim: one search per live
         search worker, each over the shards it owns (common.shards), merged. A worker that stops
@@ -199,7 +205,7 @@ class Dispatcher:
                 self._call(
                     SEARCH_TASK,
                     search_queue(worker),
-                    search_kwargs(collection, query, top_k, filter, owned, worker),
+                    search_kwargs(collection, query, top_k, filter, owned, worker, tenant),
                     gone,
                 )
             )

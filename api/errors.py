@@ -27,8 +27,6 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def _embedq_error(_: Request, exc: EmbedqError) -> ErrorResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-    if exc.status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
     return ErrorResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
 
 

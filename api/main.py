@@ -20,7 +20,9 @@ from common.registry import load_registry
 from common.settings import Settings, get_settings
 from common.store.blobs import BlobStore
 from common.store.changes import PageChanges
+from common.tenants import KeyRing
 
+from .auth import KeyCheck
 from .deps import LazyStore
 from .dispatch import Dispatcher
 from .errors import install_error_handlers
@@ -32,6 +34,7 @@ from .routes import collections, embeddings, health, jobs, metrics, models, mult
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    ring = KeyRing.from_settings(settings)  # a key list that cannot be used stops the start here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.waiter = waiter
         app.state.jobs = JobStore(sync_client, settings.job_ttl_s, BlobStore(settings.blob_location))
         app.state.ledger = JobLedger(sync_client, celery, settings.job_ttl_s)
-        app.state.store = LazyStore(settings.milvus_uri, PageChanges(sync_client))
+        app.state.store = LazyStore(settings, PageChanges(sync_client))
         # One blocking read, on a connection of its own, for every SSE client of this process.
         reader = async_redis_client(settings, max_connections=1)
         app.state.events = events = EventFeed(client, reader, block_ms=1000)
@@ -90,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(KeyCheck, ring=ring)  # outside the size limit: an unknown caller's body is never read
     app.add_middleware(RequestMetrics)  # outermost: it also counts the 413s of BodySizeLimit
     for router in (
         health.router,

@@ -125,13 +125,15 @@ class EmbedqClient:
         *,
         top_k: int = 10,
         filter: str | None = None,
+        tenant: str | None = None,
         timeout: float | None = None,
     ) -> list[dict[str, Any]]:
         """The `top_k` pages of a late-interaction collection by exact MaxSim with `query` (its
         `(n_tokens, dim)` token vectors, as `embed_texts(..., output="multivector",
-        input_type="query")` gives them): `[{doc_id, filename, page, score, metadata}]`."""
+        input_type="query")` gives them): `[{doc_id, filename, page, score, metadata}]`.
+        `tenant`: search only if the collection is that tenant's (a 404-like NotFound otherwise)."""
         timeout = self.settings.request_timeout_s if timeout is None else timeout
-        kwargs = search_kwargs(collection, query, top_k, filter)
+        kwargs = search_kwargs(collection, query, top_k, filter, tenant=tenant)
         return self._answer(self.celery.send_task(SEARCH_TASK, kwargs=kwargs, expires=timeout), timeout)
 
     def close(self) -> None:

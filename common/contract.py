@@ -57,9 +57,11 @@ def search_kwargs(
     filter: str | None,
     shards: list[int] | None = None,
     worker: str | None = None,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
     """The arguments of SEARCH_TASK: the query's (n_tokens, dim) vectors as little-endian float32
-    bytes; `shards` to search (default: all, common.shards), `worker` to route it to (default: any)."""
+    bytes; `shards` to search (default: all, common.shards), `worker` to route it to (default: any),
+    `tenant` the collection must belong to (default: any; common.tenants)."""
     query = np.ascontiguousarray(query, "<f4")
     kwargs = {
         "collection": collection,
@@ -72,6 +74,8 @@ def search_kwargs(
         kwargs["shards"] = shards
     if worker is not None:
         kwargs["worker"] = worker
+    if tenant is not None:
+        kwargs["tenant"] = tenant
     return kwargs
 
 

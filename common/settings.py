@@ -32,7 +32,11 @@ class Settings(BaseSettings):
     # HTTP front end
     host: str = "127.0.0.1"
     port: int = 8000
+    # API keys (api.auth): `key` (the shared tenant) or `name:key` (tenant `name`), comma-separated,
+    # and, one a line, in the file; none at all leaves the API open. Admins see every tenant's.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_inputs: int = 2048
     max_body_bytes: int = 64 * 1024 * 1024
     # The vectors of one answer, as bytes (JSON floats take about 2.5 times that): 2,048 inputs of
@@ -97,11 +101,18 @@ class Settings(BaseSettings):
     # Every cache call gives up after this: a cache that is slow or gone costs a request this, once.
     cache_timeout_s: float = Field(default=0.25, gt=0)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
+        """A comma-separated list; blank is none, but a blank entry in a list is refused, since
+        `EMBEDQ_API_KEYS=","` must not leave the API open."""
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            if not value.strip():
+                return []
+            entries = [entry.strip() for entry in value.split(",")]
+            if "" in entries:
+                raise ValueError(f"an entry of {value!r} is empty: list keys as `key` or `name:key`, comma-separated")
+            return entries
         return value
 
     # Images and documents (common.inputs)

@@ -1,6 +1,8 @@
-"""The compose deployment, checked by parsing it (no Docker engine runs here): images and builds,
-service wiring, models the workers name, GPU reservations, Prometheus targets, the Grafana
-dashboard's metric names against what `/metrics` exports, and Flower's auth."""
+"""The compose deployment, checked by parsing it (no Docker engine runs here) as `docker compose`
+would run it, its variables interpolated: images and builds, service wiring, models the workers
+name, GPU reservations, Prometheus targets, the Grafana dashboard's metric names against what
+`/metrics` exports, and the hardening: required secrets, Redis' password, Milvus' auth and token,
+MinIO's credentials, memory limits, published ports and networks, Flower's auth."""
 
 from __future__ import annotations
 
@@ -21,11 +23,26 @@ from api.routes.metrics import RedisReading, render
 from common.registry import load_registry
 
 from .conftest import ROOT
+from .deployment import MissingVariable, check_embedq_argv, interpolated, memory_bytes, setting_variables
 
 COMPOSE = ROOT / "compose"
 BASE = COMPOSE / "docker-compose.yml"
 GPU = COMPOSE / "docker-compose.gpu.yml"
 EMBEDQ_COMMANDS = {"api", "worker", "ingest-worker", "search-worker", "flower"}
+# What an operator must set (compose refuses to start without each), with test values.
+SECRETS = {
+    "EMBEDQ_API_KEYS_FILE": "./models.yaml",  # any file: compose only mounts it
+    "EMBEDQ_METRICS_KEY_FILE": "./models.yaml",
+    "REDIS_PASSWORD": "redis-pass",
+    "MILVUS_ROOT_PASSWORD": "milvus-pass",
+    "MINIO_ROOT_USER": "minio-user",
+    "MINIO_ROOT_PASSWORD": "minio-pass",
+    "FLOWER_BASIC_AUTH": "admin:flower-pass",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-pass",
+}
+# The only services that publish ports, and those with a route out of the host besides them.
+PUBLISHED = {"api", "grafana"}
+STORES = {"redis", "etcd", "minio", "milvus"}
 
 
 def load(path: Path) -> dict:
@@ -83,13 +100,18 @@ def mount_source(service: dict, target: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def base() -> dict:
+def raw_base() -> dict:
     return load(BASE)
 
 
 @pytest.fixture(scope="module")
+def base(raw_base) -> dict:
+    return interpolated(raw_base, SECRETS)
+
+
+@pytest.fixture(scope="module")
 def gpu() -> dict:
-    return load(GPU)
+    return interpolated(load(GPU), SECRETS)
 
 
 @pytest.fixture(scope="module", params=["cpu", "gpu"])
@@ -201,6 +223,10 @@ def test_prometheus_scrapes_api_and_flower_on_their_ports(base):
                 assert int(port) in container_ports(services[host]), target
                 targets[embedq_role(services[host])] = int(port)
     assert targets == {"api": int(option(command(services["api"]), "--port")), "flower": 5555}
+    # The API's /metrics needs a key: Prometheus sends the one in its secret.
+    (api_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "embedq-api"]
+    (secret,) = services["prometheus"]["secrets"]
+    assert api_job["authorization"] == {"type": "Bearer", "credentials_file": f"/run/secrets/{secret}"}
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboards(base):
@@ -260,9 +286,9 @@ def test_dashboard_queries_name_exported_metrics():
         assert wanted in used, f"no panel shows {wanted}"
 
 
-def test_flower_requires_auth(base):
-    (name,) = [name for name, service in base["services"].items() if embedq_role(service) == "flower"]
-    service = base["services"][name]
+def test_flower_requires_auth(raw_base):
+    (name,) = [name for name, service in raw_base["services"].items() if embedq_role(service) == "flower"]
+    service = raw_base["services"][name]
     env = environment(service)
     address = option(command(service), "--address")
     assert address, "Flower's address must be explicit"
@@ -274,3 +300,102 @@ def test_flower_requires_auth(base):
     for published in service.get("ports", []):
         host_ip = str(published).split(":")[0] if str(published).count(":") == 2 else "0.0.0.0"
         assert ipaddress.ip_address(host_ip).is_loopback, f"Flower published beyond loopback: {published}"
+
+
+@pytest.mark.parametrize("path", [BASE, GPU], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("secret", sorted(SECRETS))
+def test_compose_refuses_to_start_without_each_secret(path, secret):
+    text = path.read_text()
+    references = re.findall(rf"\$\{{{secret}([^A-Za-z0-9_][^}}]*)?\}}", text)
+    if path == GPU and not references:
+        return  # the override does not use it
+    # `${VAR:?message}` at every use: no default lets a deployment start without it.
+    assert references and all(ref.startswith(":?") and len(ref) > 2 for ref in references), (secret, references)
+    with pytest.raises(MissingVariable) as missing:
+        interpolated(load(path), {k: v for k, v in SECRETS.items() if k != secret})
+    assert missing.value.name == secret
+    assert "minioadmin" not in text
+
+
+def test_the_api_reads_its_keys_from_the_required_file(raw_base, base):
+    api = base["services"]["api"]
+    assert re.fullmatch(r"\$\{EMBEDQ_API_KEYS_FILE:\?[^}]+\}", raw_base["secrets"]["api-keys"]["file"])
+    (secret,) = api["secrets"]
+    assert environment(api)["EMBEDQ_API_KEYS_FILE"] == f"/run/secrets/{secret}"
+    for name, service in base["services"].items():
+        assert "EMBEDQ_API_KEYS" not in environment(service), f"{name}: keys in the environment"
+
+
+def test_redis_requires_the_password_every_service_is_given(project):
+    services = project["services"]
+    redis_cmd = command(services["redis"])
+    assert option(redis_cmd, "--requirepass") == SECRETS["REDIS_PASSWORD"]
+    assert environment(services["redis"])["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]  # its healthcheck
+    # Never evicting (a key evicted is a task or a job lost), and full before the container is.
+    assert option(redis_cmd, "--maxmemory-policy") == "noeviction"
+    assert memory_bytes(option(redis_cmd, "--maxmemory")) < memory_limit(services["redis"])
+    for name, service in services.items():
+        if url := environment(service).get("EMBEDQ_REDIS_URL"):
+            assert urlsplit(url).password == SECRETS["REDIS_PASSWORD"], name
+
+
+def test_milvus_has_auth_on_and_embedq_passes_its_token(project):
+    services = project["services"]
+    milvus = environment(services["milvus"])
+    assert milvus["COMMON_SECURITY_AUTHORIZATIONENABLED"] == "true"
+    assert milvus["COMMON_SECURITY_DEFAULTROOTPASSWORD"] == SECRETS["MILVUS_ROOT_PASSWORD"]
+    for name, service in services.items():
+        env = environment(service)
+        if "EMBEDQ_MILVUS_URI" in env:
+            assert env["EMBEDQ_MILVUS_TOKEN"] == f"root:{SECRETS['MILVUS_ROOT_PASSWORD']}", name
+
+
+def test_minio_credentials_are_required_and_milvus_uses_them(base):
+    minio, milvus = environment(base["services"]["minio"]), environment(base["services"]["milvus"])
+    assert (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]) == (
+        SECRETS["MINIO_ROOT_USER"],
+        SECRETS["MINIO_ROOT_PASSWORD"],
+    )
+    assert (milvus["MINIO_ACCESS_KEY_ID"], milvus["MINIO_SECRET_ACCESS_KEY"]) == (
+        minio["MINIO_ROOT_USER"],
+        minio["MINIO_ROOT_PASSWORD"],
+    )
+
+
+def memory_limit(service: dict) -> int:
+    return memory_bytes(service["deploy"]["resources"]["limits"]["memory"])
+
+
+def test_every_service_has_a_memory_limit(project):
+    for name, service in project["services"].items():
+        assert memory_limit(service) > 0, name
+    search = project["services"]["search"]
+    # The search worker refuses loads past its budget; past the container's limit it would be killed.
+    assert float(environment(search)["EMBEDQ_SEARCH_MEMORY_GB"]) * 2**30 < memory_limit(search)
+
+
+def test_only_the_api_and_grafana_publish_ports_the_rest_stay_internal(project):
+    services, networks = project["services"], project["networks"]
+    assert networks["internal"]["internal"] is True
+    for name, service in services.items():
+        joined = set(service["networks"])
+        assert "internal" in joined and joined <= set(networks), name
+        if service.get("ports"):
+            assert name in PUBLISHED, f"{name} publishes {service['ports']}"
+        if "edge" in joined:
+            # Besides the published ones, only model workers get a route out (hub downloads, upstreams).
+            assert name in PUBLISHED or embedq_role(service) == "worker", name
+    for name in STORES | {"flower", "prometheus"}:
+        assert set(services[name]["networks"]) == {"internal"}, name
+    for published in services["grafana"]["ports"]:
+        assert ipaddress.ip_address(str(published).split(":")[0]).is_loopback, published
+
+
+def test_embedq_services_run_real_commands_with_real_settings(project):
+    known = setting_variables()
+    for name, service in project["services"].items():
+        if embedq_role(service):
+            check_embedq_argv(command(service))
+        for variable in environment(service):
+            if variable.startswith("EMBEDQ_"):
+                assert variable in known, f"{name}: {variable} is not a setting of common/settings.py"

@@ -240,6 +240,10 @@ def test_direct_celery_search_answers_as_the_api(ingest_api, ingest_env):
         assert sorted(h["page"] for h in filtered) == [3, 4]
         with pytest.raises(NotFound):
             client.search_pages("no-such-collection", query, timeout=30)
+        # Tenancy as an argument: the collection is the shared tenant's ("").
+        assert client.search_pages("direct", query, top_k=3, tenant="", timeout=30) == direct
+        with pytest.raises(NotFound):
+            client.search_pages("direct", query, top_k=3, tenant="alice", timeout=30)
         with pytest.raises(InvalidRequest, match="shape"):
             client.search_pages("direct", query[:, :7], timeout=30)
     finally:

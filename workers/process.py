@@ -71,9 +71,7 @@ class Process:
         from common.store.changes import PageChanges
         from common.store.milvus import MilvusStore  # pymilvus: only in processes that write or search
 
-        return MilvusStore(
-            self.settings.milvus_uri, changes=PageChanges(self.redis), outage_s=self.settings.store_outage_s
-        )
+        return MilvusStore.connect(self.settings, PageChanges(self.redis), self.settings.store_outage_s)
 
 
 _current: Process | None = None

@@ -19,14 +19,15 @@ from common.inputs.kinds import detect_kind
 from common.inputs.text import check_unicode
 from common.jobs.state import UploadedFile
 from common.store.limits import FILENAME_MAX, ID_MAX
+from common.tenants import Principal
 
 from ..deps import (
-    Authorized,
     DispatcherDep,
     GoneDep,
     JobsDep,
     LazyStore,
     LedgerDep,
+    PrincipalDep,
     RegistryDep,
     SettingsDep,
     StoreDep,
@@ -34,16 +35,17 @@ from ..deps import (
 from ..responses import json_response
 from ..schemas import CollectionCreate, SearchRequest
 
-router = APIRouter(prefix="/v1/collections", tags=["collections"], dependencies=Authorized)
+router = APIRouter(prefix="/v1/collections", tags=["collections"])
 
 PAGE_KINDS = {"pdf", "image", "office"}
 TEXT_KINDS = {"text", "jsonl"}
 
 
-async def _describe(store: LazyStore, name: str, with_count: bool = False) -> dict[str, Any]:
-    if not await store.call("has_collection", name):
+async def _describe(store: LazyStore, name: str, caller: Principal, with_count: bool = False) -> dict[str, Any]:
+    """The collection, if it exists and is the caller's to see: another tenant's is not found."""
+    info = asdict(await store.call("describe", name)) if await store.call("has_collection", name) else None
+    if info is None or not caller.owns(info["tenant"]):
         raise NotFound(f"No collection '{name}'.", "name")
-    info = asdict(await store.call("describe", name))
     if with_count:
         info["count"] = await store.call("count", name)
     return {"object": "collection", **info}
@@ -51,7 +53,7 @@ async def _describe(store: LazyStore, name: str, with_count: bool = False) -> di
 
 @router.post("", status_code=201, summary="Create a collection bound to a served model")
 async def create_collection(
-    body: CollectionCreate, registry: RegistryDep, dispatcher: DispatcherDep, store: StoreDep
+    body: CollectionCreate, registry: RegistryDep, dispatcher: DispatcherDep, store: StoreDep, caller: PrincipalDep
 ) -> Response:
     spec = registry.get(body.model)
     if body.pool_factor is not None and not spec.multivector:
@@ -59,37 +61,37 @@ async def create_collection(
             f"pool_factor pools the token vectors of pages; '{spec.name}' gives one vector per page or chunk.",
             "pool_factor",
         )
-    if await store.call("has_collection", body.name):
+    if await store.call("has_collection", body.name):  # names are one namespace, as S3's buckets
         raise InvalidRequest(f"A collection '{body.name}' already exists.", "name")
     # The model's own output says its width: no per-model dimension to keep in sync by hand.
     probe = await dispatcher.embed(spec.name, "text", [{"text": "dimension probe"}], output="pooled")
     kind = "multivector" if spec.multivector else "pages" if "image" in spec.modalities else "text"
     width = int(probe.arrays[0].shape[-1])
-    await store.call("create_collection", body.name, kind, width, spec.name, body.pool_factor or 1)
-    return json_response(await _describe(store, body.name, with_count=True), 201)
+    await store.call("create_collection", body.name, kind, width, spec.name, body.pool_factor or 1, caller.tenant)
+    return json_response(await _describe(store, body.name, caller, with_count=True), 201)
 
 
 @router.get("", summary="List collections")
-async def list_collections(store: StoreDep) -> Response:
-    infos = await store.call("list_collections")
+async def list_collections(store: StoreDep, caller: PrincipalDep) -> Response:
+    infos = [info for info in await store.call("list_collections") if caller.owns(info.tenant)]
     return json_response({"object": "list", "data": [{"object": "collection", **asdict(info)} for info in infos]})
 
 
 @router.get("/{name}", summary="Describe a collection, with its row count (pages or chunks)")
-async def get_collection(name: str, store: StoreDep) -> Response:
-    return json_response(await _describe(store, name, with_count=True))
+async def get_collection(name: str, store: StoreDep, caller: PrincipalDep) -> Response:
+    return json_response(await _describe(store, name, caller, with_count=True))
 
 
 @router.delete("/{name}", summary="Delete a collection and all its vectors")
-async def delete_collection(name: str, store: StoreDep) -> Response:
-    await _describe(store, name)
+async def delete_collection(name: str, store: StoreDep, caller: PrincipalDep) -> Response:
+    await _describe(store, name, caller)
     await store.call("drop_collection", name)
     return json_response({"id": name, "object": "collection", "deleted": True})
 
 
 @router.delete("/{name}/documents/{doc_id}", summary="Delete one document's pages or chunks")
-async def delete_document(name: str, doc_id: str, store: StoreDep) -> Response:
-    await _describe(store, name)
+async def delete_document(name: str, doc_id: str, store: StoreDep, caller: PrincipalDep) -> Response:
+    await _describe(store, name, caller)
     await store.call("delete_document", name, doc_id)
     return json_response({"id": doc_id, "object": "document", "deleted": True})
 
@@ -145,9 +147,15 @@ def _check_kind(upload: UploadFile, data: bytes, collection: dict[str, Any]) -> 
 
 @router.post("/{name}/documents", status_code=202, summary="Upload files; returns a job to poll or stream")
 async def upload_documents(
-    name: str, request: Request, store: StoreDep, jobs: JobsDep, ledger: LedgerDep, settings: SettingsDep
+    name: str,
+    request: Request,
+    store: StoreDep,
+    jobs: JobsDep,
+    ledger: LedgerDep,
+    settings: SettingsDep,
+    caller: PrincipalDep,
 ) -> Response:
-    collection = await _describe(store, name)
+    collection = await _describe(store, name, caller)
     form = await request.form()
     uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not uploads:
@@ -167,7 +175,7 @@ async def upload_documents(
         filename = upload.filename or f"file{len(files)}"
         _check_file_fields(filename, doc_id, meta, settings.max_metadata_bytes)
         files.append(UploadedFile(filename, upload.content_type, data, meta, doc_id))
-    job_id = await asyncio.to_thread(jobs.create, name, collection["model"], files)
+    job_id = await asyncio.to_thread(jobs.create, name, collection["model"], files, caller.tenant)
     for index, file in enumerate(files):
         await asyncio.to_thread(
             ledger.send,
@@ -187,7 +195,13 @@ async def upload_documents(
 
 @router.post("/{name}/search", summary="Search a collection (MaxSim rerank for page collections)")
 async def search(
-    name: str, body: SearchRequest, dispatcher: DispatcherDep, store: StoreDep, gone: GoneDep, settings: SettingsDep
+    name: str,
+    body: SearchRequest,
+    dispatcher: DispatcherDep,
+    store: StoreDep,
+    gone: GoneDep,
+    settings: SettingsDep,
+    caller: PrincipalDep,
 ) -> Response:
     for value, limit, param in (
         (body.query, settings.max_query_chars, "query"),
@@ -195,12 +209,12 @@ async def search(
     ):
         if value and len(value) > limit:
             raise InvalidRequest(f"'{param}' has {len(value)} characters; the limit is {limit}.", param)
-    collection = await _describe(store, name)
+    collection = await _describe(store, name, caller)
     model = collection["model"]
     query = [{"text": body.query}]
     if collection["kind"] == "multivector":
         result = await dispatcher.embed(model, "text", query, gone, output="multivector", input_type="query")
-        hits = await dispatcher.search_pages(name, result.arrays[0], body.top_k, body.filter, gone)
+        hits = await dispatcher.search_pages(name, result.arrays[0], body.top_k, body.filter, gone, caller.scope)
     else:
         result = await dispatcher.embed(model, "text", query, gone, output="pooled", input_type="query", normalize=True)
         if collection["kind"] == "pages":

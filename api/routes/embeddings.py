@@ -8,11 +8,11 @@ from common.errors import InvalidRequest
 from common.inputs.text import text_inputs
 from common.registry import ModelSpec
 
-from ..deps import Authorized, DispatcherDep, GoneDep, RegistryDep, SettingsDep
+from ..deps import DispatcherDep, GoneDep, RegistryDep, SettingsDep
 from ..responses import embedding_list
 from ..schemas import EmbeddingRequest
 
-router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=Authorized)
+router = APIRouter(prefix="/v1", tags=["embeddings"])
 
 
 def check_dimensions(spec: ModelSpec, dimensions: int | None) -> None:

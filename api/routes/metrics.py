@@ -1,4 +1,4 @@
-"""`GET /metrics` in Prometheus' text format (never behind auth, like health).
+"""`GET /metrics` in Prometheus' text format (behind a key when keys are set: Prometheus sends one).
 
 HTTP counters come from this app's `RequestMetrics` middleware; queue depths, live workers and each
 live worker's batcher counters (its `worker_stats` hash) are read from Redis at scrape time, so the

@@ -14,13 +14,13 @@ from common.inputs.text import check_count, text_inputs
 from common.registry import ModelSpec
 from common.settings import Settings
 
-from ..deps import Authorized, DispatcherDep, GoneDep, RegistryDep, SettingsDep
+from ..deps import DispatcherDep, GoneDep, RegistryDep, SettingsDep
 from ..dispatch import Dispatcher
 from ..responses import embedding_list
 from ..results import Gone
 from ..schemas import ImageEmbeddingRequest, TextEmbeddingRequest, _LateInteractionOptions
 
-router = APIRouter(prefix="/v1/embeddings", tags=["late-interaction"], dependencies=Authorized)
+router = APIRouter(prefix="/v1/embeddings", tags=["late-interaction"])
 
 
 def _output(spec: ModelSpec, options: _LateInteractionOptions) -> str:

@@ -19,12 +19,12 @@ from common.inputs.images import decode_image_input
 from common.inputs.text import check_count
 from common.vectors import maxsim
 
-from ..deps import Authorized, DispatcherDep, GoneDep, RegistryDep, SettingsDep
+from ..deps import DispatcherDep, GoneDep, RegistryDep, SettingsDep
 from ..responses import json_response
 from ..schemas import RerankRequest
 from .multivector import image_inputs
 
-router = APIRouter(prefix="/v1", tags=["rerank"], dependencies=Authorized)
+router = APIRouter(prefix="/v1", tags=["rerank"])
 
 
 @router.post("/rerank", summary="Score documents or page images against a query (Cohere / TEI shape)")

@@ -166,7 +166,7 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._waiting = client.register_script(_WAITING)
 
-    def create(self, collection: str, model: str, files: list[UploadedFile]) -> str:
+    def create(self, collection: str, model: str, files: list[UploadedFile], tenant: str = "") -> str:
         job_id = uuid.uuid4().hex
         now = time.time()
         for index, file in enumerate(files):
@@ -178,6 +178,7 @@ class JobStore:
                     "id": job_id,
                     "collection": collection,
                     "model": model,
+                    "tenant": tenant,
                     "status": "queued",
                     "created_at": now,
                     "files": len(files),
@@ -313,6 +314,7 @@ class JobStore:
             "object": "job",
             "collection": job["collection"],
             "model": job["model"],
+            "tenant": job.get("tenant", ""),
             "status": job["status"],
             "total": int(job["total"]),
             "processed": int(job["processed"]),

@@ -46,8 +46,14 @@ def api(host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
     from ..settings import get_settings
+    from ..tenants import KeyConfigError, KeyRing
 
     settings = get_settings()
+    try:
+        KeyRing.from_settings(settings)
+    except KeyConfigError as exc:
+        typer.echo(f"embedq: refusing to start the API: {exc}", err=True)
+        raise typer.Exit(2) from None
     uvicorn.run(
         "api.main:create_app",
         factory=True,

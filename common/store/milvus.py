@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pymilvus import CollectionSchema, DataType, MilvusClient, MilvusException
@@ -42,6 +42,9 @@ from pymilvus.milvus_client import IndexParams
 from ..errors import InvalidRequest, NotFound
 from .changes import PageChanges
 from .limits import FILENAME_MAX, ID_MAX, VARCHAR_MAX
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 Kind = Literal["multivector", "pages", "text"]
 
@@ -114,6 +117,7 @@ class CollectionInfo:
     model: str
     dim: int
     pool_factor: int = 1  # pages: their token vectors are stored pooled by this factor (1: not pooled)
+    tenant: str = ""  # who owns it (common.tenants); "": the shared tenant
 
 
 PAGE_FIELDS = ["doc_id", "page", "filename", "metadata", "n_tokens", "tokens"]
@@ -140,6 +144,7 @@ def _info(name: str, properties: dict[str, str]) -> CollectionInfo:
         properties["embedq.model"],
         int(properties["embedq.dim"]),
         int(properties.get("embedq.pool_factor", "1")),  # collections made before pooling: 1
+        properties.get("embedq.tenant", ""),  # collections made before tenants: the shared one
     )
 
 
@@ -201,15 +206,22 @@ class MilvusStore:
         # a drop made here, and on a write that fails (another process may have dropped it).
         self._described: dict[str, CollectionInfo] = {}
 
+    @classmethod
+    def connect(cls, settings: Settings, changes: PageChanges | None = None, outage_s: float = 0.0) -> MilvusStore:
+        """The store as every embedq process opens it: EMBEDQ_MILVUS_URI, with EMBEDQ_MILVUS_TOKEN."""
+        return cls(settings.milvus_uri, settings.milvus_token, changes, outage_s)
+
     def close(self) -> None:
         self.client.close()
 
     # Collections
 
-    def create_collection(self, name: str, kind: Kind, dim: int, model: str, pool_factor: int = 1) -> CollectionInfo:
+    def create_collection(
+        self, name: str, kind: Kind, dim: int, model: str, pool_factor: int = 1, tenant: str = ""
+    ) -> CollectionInfo:
         """Create `name` bound to `model` (and, for pages, to a token `pool_factor`, which its
-        writers apply); a no-op when it exists with the same binding."""
-        wanted = CollectionInfo(name, kind, model, dim, pool_factor)
+        writers apply), owned by `tenant`; a no-op when it exists with the same binding."""
+        wanted = CollectionInfo(name, kind, model, dim, pool_factor, tenant)
         self._described.pop(name, None)
         if not self.client.has_collection(name):
             schema, index = _layout(kind, dim)
@@ -218,6 +230,7 @@ class MilvusStore:
                 "embedq.model": model,
                 "embedq.dim": str(dim),
                 "embedq.pool_factor": str(pool_factor),
+                "embedq.tenant": tenant,
             }
             try:
                 self.client.create_collection(

@@ -10,7 +10,7 @@ import numpy as np
 from celery import shared_task
 
 from common.contract import SEARCH_TASK
-from common.errors import InvalidRequest
+from common.errors import InvalidRequest, NotFound
 
 from .. import process
 
@@ -25,13 +25,17 @@ def search_pages(
     filter: str | None = None,
     shards: list[int] | None = None,
     worker: str | None = None,
+    tenant: str | None = None,
 ) -> list[dict[str, Any]]:
     """The `top_k` pages of `collection` by exact MaxSim with `query`: its token vectors as
     little-endian float32 bytes, `dim` per token. Returns `[{doc_id, filename, page, score,
     metadata}]`, best first. `shards`: only the pages of those (default: every page; with
     EMBEDQ_SEARCH_SHARDS above 1 the API asks each shard's owner for its own); `worker` only routes
-    the task to that worker's queue."""
+    the task to that worker's queue. `tenant`: the collection must be that tenant's (common.tenants),
+    or it is not found; without it any collection is searched (Redis access is full trust)."""
     vectors = np.frombuffer(query, "<f4")
     if dim <= 0 or vectors.size % dim:
         raise InvalidRequest(f"query holds {vectors.size} numbers, not a whole number of {dim}-d vectors", "query")
+    if tenant is not None and process.current().store.describe(collection).tenant != tenant:
+        raise NotFound(f"No collection '{collection}'.", "collection")
     return process.current().searcher.search(collection, vectors.reshape(-1, dim), top_k, filter, shards)
