@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.models_created = int(settings.models_file.stat().st_mtime)
         app.state.cache = cache = (
             AsyncCache(
-                async_redis_client(settings, max_connections=64, cache=True),
+                async_redis_client(settings, max_connections=256, cache=True),
                 settings.cache_ttl_s,
                 settings.cache_timeout_s,
             )

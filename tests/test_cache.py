@@ -18,10 +18,11 @@ from PIL import Image
 
 from common import keys
 from common.cache.entries import Keys
-from common.contract import embed_queue
+from common.contract import EMBED_OPTIONS, embed_queue
 from common.inputs.images import encode_png
 from common.launch import procs
 from common.registry import load_registry
+from common.settings import Settings
 from tests.tiny_models import tiny_models_dir
 
 from .conftest import MINILM
@@ -200,6 +201,26 @@ def test_every_option_that_changes_vectors_changes_the_key(cache_env):
     assert len({base, *found.values()}) == len(found) + 1
     # How a model runs is not what it computes: the same key on another device or batch size.
     assert Keys(spec.model_copy(update={"device": "cuda:1", "max_batch_size": 8}), "text", {}).of(text) == base
+
+
+def test_the_key_resolves_options_as_the_task_does():
+    import inspect
+
+    from workers.model.tasks import embed as embed_task
+
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(embed_task.run).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    assert defaults == EMBED_OPTIONS
+
+
+def test_embedq_cache_off_turns_it_off(monkeypatch):
+    monkeypatch.setenv("EMBEDQ_CACHE_URL", "redis://127.0.0.1:1/0")
+    assert Settings().cache_on
+    monkeypatch.setenv("EMBEDQ_CACHE", "off")
+    assert not Settings().cache_on
 
 
 def test_options_reach_the_key_through_the_api(api, main_redis):
