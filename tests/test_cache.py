@@ -33,6 +33,7 @@ from .test_ingestion import create_collection, make_pdf, stored_pages, upload, w
 PAGES_MODEL = "colqwen2"
 CACHE_MB = 2  # an empty redis-server uses about 0.9 MiB of it: room for about 650 MiniLM vectors
 CACHE_TIMEOUT_S = 0.2
+SLACK_S = 0.5  # what a busy 2-core machine adds to one request
 
 
 class CacheServer:
@@ -242,7 +243,7 @@ def test_the_bound_holds_under_a_flood_and_queues_and_jobs_are_untouched(api, ma
     main_redis.rpush(queue, b"a queued task")
     before = {key: main_redis.type(key) for key in main_redis.keys("*")}
     evicted = metric(api, "embedq_cache_evictions_total")
-    for start in range(0, 1200, 64):
+    for start in range(0, 1024, 64):  # about 1.5 times what fits
         embed(api, texts(f"flood {start}", 64))
     info = cache_server.client.info()
     assert info["evicted_keys"] > 0
@@ -271,17 +272,20 @@ def test_a_frozen_or_dead_cache_costs_at_most_its_timeout(api, main_redis, cache
     errors = metric(api, "embedq_cache_errors_total", path="online", model=MINILM)
     os.kill(cache_server.proc.pid, signal.SIGSTOP)  # it accepts connections and never answers
     try:
-        assert timed("frozen") < alone + CACHE_TIMEOUT_S + 0.3
-        assert timed("frozen again") < alone + 0.3  # left alone after a failure: no timeout at all
+        assert timed("frozen") < alone + CACHE_TIMEOUT_S + SLACK_S
+        assert timed("frozen again") < alone + SLACK_S
         assert metric(api, "embedq_cache_up") == 0
     finally:
         os.kill(cache_server.proc.pid, signal.SIGCONT)
-    wait_until(lambda: metric(api, "embedq_cache_errors_total", path="online", model=MINILM) == errors + 1)
+    # One failure for both: after it, the cache is left alone for a while (no timeout at all).
+    failures = lambda: metric(api, "embedq_cache_errors_total", path="online", model=MINILM)  # noqa: E731
+    wait_until(lambda: failures() == errors + 1, what="one failure counted")
     cache_server.kill()
     try:
         time.sleep(2.1)  # past the pause after the last failure
-        assert timed("dead") < alone + CACHE_TIMEOUT_S + 0.3
-        assert timed("dead again") < alone + 0.3
+        assert timed("dead") < alone + CACHE_TIMEOUT_S + SLACK_S
+        assert timed("dead again") < alone + SLACK_S
+        wait_until(lambda: failures() == errors + 2, what="one more failure counted")
     finally:
         cache_server.start()
     # It comes back by itself: a repeated input is a hit again.
