@@ -17,7 +17,7 @@ import redis
 from PIL import Image
 
 from common import keys
-from common.cache.entries import Keys
+from common.cache.entries import Keys, Lookup, encode
 from common.contract import EMBED_OPTIONS, embed_queue
 from common.inputs.images import encode_png
 from common.launch import procs
@@ -202,6 +202,16 @@ def test_every_option_that_changes_vectors_changes_the_key(cache_env):
     assert len({base, *found.values()}) == len(found) + 1
     # How a model runs is not what it computes: the same key on another device or batch size.
     assert Keys(spec.model_copy(update={"device": "cuda:1", "max_batch_size": 8}), "text", {}).of(text) == base
+
+
+def test_an_input_repeated_in_a_request_is_computed_once(cache_env):
+    spec = load_registry(cache_env["EMBEDQ_MODELS_FILE"]).get(MINILM)
+    a, b, c = {"text": "a"}, {"text": "b"}, {"text": "c"}
+    lookup = Lookup(Keys(spec, "text", {}), [a, b, a, c, c], MINILM, "text")
+    lookup.take([None, encode(np.full(2, 2, np.float32), 2), None, None, None])
+    assert lookup.missing == [0, 3]
+    arrays, tokens = lookup.merge([np.full(2, 1, np.float32), np.full(2, 3, np.float32)], [1, 3])
+    assert [int(x[0]) for x in arrays] == [1, 2, 1, 3, 3] and tokens == [1, 2, 1, 3, 3]
 
 
 def test_the_key_resolves_options_as_the_task_does():

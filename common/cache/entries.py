@@ -61,9 +61,9 @@ class Keys:
     are hashed once, and each input's bytes onto a copy of that."""
 
     def __init__(self, spec: ModelSpec, modality: str, options: dict[str, Any]):
-        self.options = vector_options(spec, options)
+        resolved = vector_options(spec, options)
         # JSON escapes every control character, so the NUL after it ends it unambiguously.
-        header = json.dumps({"model": model_identity(spec), "modality": modality, **self.options}, sort_keys=True)
+        header = json.dumps({"model": model_identity(spec), "modality": modality, **resolved}, sort_keys=True)
         self._base = hashlib.sha256(header.encode() + b"\0")
 
     def of(self, entry: dict[str, Any]) -> str:
@@ -94,12 +94,11 @@ def decode(raw: bytes) -> Entry:
 
 
 class Lookup:
-    """One request's inputs against the cache: what it holds for them, which are left to compute,
-    and the answer put back together in the inputs' order."""
+    """One request's inputs against the cache: what it holds for them, which are left to compute
+    (an input repeated in the request once), and the answer put back together in the inputs' order."""
 
     def __init__(self, keys: Keys, inputs: list[dict[str, Any]], model: str, modality: str):
         self.keys = [keys.of(entry) for entry in inputs]
-        self.options = keys.options
         self.model, self.modality = model, modality
         self.found: list[Entry | None] = [None] * len(inputs)
 
@@ -109,7 +108,12 @@ class Lookup:
 
     @property
     def missing(self) -> list[int]:
-        return [i for i, entry in enumerate(self.found) if entry is None]
+        """The inputs to compute: those not found, the first of each key."""
+        first = {}
+        for i, (key, entry) in enumerate(zip(self.keys, self.found)):
+            if entry is None:
+                first.setdefault(key, i)
+        return list(first.values())
 
     def entries(self, arrays: list[np.ndarray], tokens: list[int]) -> dict[str, bytes]:
         """What to write: the missing inputs' computed arrays and token counts, in `missing`'s order."""
@@ -118,6 +122,6 @@ class Lookup:
     def merge(self, arrays: list[np.ndarray], tokens: list[int]) -> tuple[list[np.ndarray], list[int]]:
         """Every input's array and token count: the found ones, and the computed ones (in `missing`'s
         order) where nothing was found."""
-        computed = iter(zip(arrays, tokens))
-        merged = [entry if entry is not None else Entry(*next(computed)) for entry in self.found]
+        computed = {self.keys[i]: Entry(a, n) for i, a, n in zip(self.missing, arrays, tokens)}
+        merged = [entry if entry is not None else computed[key] for key, entry in zip(self.keys, self.found)]
         return [entry.array for entry in merged], [entry.tokens for entry in merged]
