@@ -5,6 +5,10 @@ limit makes a request fail fast (503 / 429) instead of waiting in vain. That che
 round trip, made at most every CAPACITY_TTL_S per queue; requests in between reuse its answer.
 The inputs sent are counted here and added to Redis every FLUSH_S, for `/metrics`. Past
 EMBEDQ_MAX_IN_FLIGHT requests waiting at once, a request gets 429 rather than slowing the others.
+
+With the embedding cache on (common.cache), only the inputs it does not hold are sent, and their
+answer is merged with the cached ones in the inputs' order; a request that it answers whole needs
+no worker at all, so it skips the capacity check.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -23,25 +28,30 @@ from celery import Celery
 from redis import RedisError
 
 from common import keys
+from common.cache.client import AsyncCache, add_counts
 from common.contract import EMBED_TASK, SEARCH_TASK, embed_kwargs, embed_queue, search_kwargs, search_queue
 from common.delivery.heartbeat import live_workers
 from common.errors import QueueFull, ServiceUnavailable
+from common.registry import Registry
 from common.settings import Settings
 from common.shards import plan
-from common.vectors import unpack
+from common.vectors import check_answer_bytes, unpack
 
 from .results import Gone, ResultWaiter
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class Embedded:
-    """A task's answer: one array per input and the token count of each."""
+    """An answer: one array per input and the token count of each."""
 
-    def __init__(self, result: dict[str, Any]):
-        self.arrays: list[np.ndarray] = unpack(result)
-        self.tokens: list[int] = list(result["tokens"])
-        self.dtype: str = result["dtype"]
+    arrays: list[np.ndarray]
+    tokens: list[int]
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> Embedded:
+        return cls(unpack(result), list(result["tokens"]))
 
 
 CAPACITY_TTL_S = 0.1
@@ -50,11 +60,21 @@ FLUSH_S = 1.0  # how often the count of inputs sent is added to Redis
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, client: aioredis.Redis, celery: Celery, waiter: ResultWaiter):
+    def __init__(
+        self,
+        settings: Settings,
+        client: aioredis.Redis,
+        celery: Celery,
+        waiter: ResultWaiter,
+        registry: Registry,
+        cache: AsyncCache | None = None,
+    ):
         self._settings = settings
         self._client = client
         self._celery = celery
         self._waiter = waiter
+        self._registry = registry
+        self._cache = cache
         self._capacity: dict[str, tuple[float, int, int]] = {}  # queue -> (read at, live workers, depth)
         self._sent: Counter[tuple[str, str]] = Counter()  # inputs sent per (model, modality), not yet flushed
         self._in_flight = 0  # requests waiting on a worker (the loop is single-threaded: no lock)
@@ -89,12 +109,15 @@ class Dispatcher:
         await self.flush()
 
     async def flush(self) -> None:
-        """Add the inputs sent since the last flush to the service's totals (keys.ITEMS)."""
+        """Add the inputs sent since the last flush to the service's totals (keys.ITEMS), and the
+        cache's lookups to its own (keys.CACHE_COUNTS)."""
         sent, self._sent = self._sent, Counter()
-        if sent:
+        looked_up = self._cache.take_counts() if self._cache else Counter()
+        if sent or looked_up:
             async with self._client.pipeline(transaction=False) as pipe:
                 for (model, modality), count in sent.items():
                     pipe.hincrby(keys.ITEMS, f"sent:{model}:{modality}", count)
+                add_counts(pipe, looked_up)
                 await pipe.execute()
 
     async def _flush_forever(self) -> None:
@@ -126,13 +149,36 @@ class Dispatcher:
         return await self._waiter.call(task_id, queue, send, timeout, gone)
 
     async def embed(
-        self, model: str, modality: str, inputs: list[dict[str, Any]], gone: Gone | None = None, **options: Any
+        self,
+        model: str,
+        modality: str,
+        inputs: list[dict[str, Any]],
+        gone: Gone | None = None,
+        cache: bool = True,
+        **options: Any,
     ) -> Embedded:
-        """Embed `inputs` on a worker of `model`; `gone()` says whether the caller has gone."""
+        """Embed `inputs` on a worker of `model`, those the cache holds from it unless `cache` is
+        false; `gone()` says whether the caller has gone."""
+        spec = self._registry.specs.get(model)
+        if not (cache and self._cache and spec):
+            return await self._compute(model, modality, inputs, gone, options)
+        lookup = await self._cache.lookup(spec, modality, inputs, options)
+        computed = Embedded([], [])
+        if missing := lookup.missing:
+            computed = await self._compute(model, modality, [inputs[i] for i in missing], gone, options)
+            await self._cache.store(lookup, computed.arrays, computed.tokens)
+        arrays, tokens = lookup.merge(computed.arrays, computed.tokens)
+        # The worker bounds the answer it computes; the cached inputs add to it.
+        check_answer_bytes(sum(a.nbytes for a in arrays), self._settings.max_response_bytes)
+        return Embedded(arrays, tokens)
+
+    async def _compute(
+        self, model: str, modality: str, inputs: list[dict[str, Any]], gone: Gone | None, options: dict[str, Any]
+    ) -> Embedded:
         await self.check_capacity(model, modality)
         kwargs = embed_kwargs(model, modality, inputs, **options)
         self._sent[(model, modality)] += len(inputs)
-        return Embedded(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs, gone))
+        return Embedded.from_result(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs, gone))
 
     async def _live_searchers(self) -> set[str]:
         members = await live_workers(self._client, keys.SEARCH_WORKERS_ALIVE, self._settings.worker_heartbeat_ttl_s)

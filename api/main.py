@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from common.cache.client import AsyncCache
 from common.connections import async_redis_client, redis_client
 from common.delivery.app import create_celery_app
 from common.jobs.events import EventFeed
@@ -44,9 +45,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await waiter.start()
         app.state.settings = settings
         app.state.redis = client
-        app.state.registry = load_registry(settings.models_file)
+        app.state.registry = registry = load_registry(settings.models_file)
         app.state.models_created = int(settings.models_file.stat().st_mtime)
-        app.state.dispatcher = dispatcher = Dispatcher(settings, client, celery, waiter)
+        app.state.cache = cache = (
+            AsyncCache(
+                async_redis_client(settings, max_connections=256, cache=True),
+                settings.cache_ttl_s,
+                settings.cache_timeout_s,
+            )
+            if settings.cache_on
+            else None
+        )
+        app.state.dispatcher = dispatcher = Dispatcher(settings, client, celery, waiter, registry, cache)
         dispatcher.start()
         app.state.waiter = waiter
         app.state.jobs = JobStore(sync_client, settings.job_ttl_s, BlobStore(settings.blob_location))
@@ -69,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await reader.aclose()
             await dispatcher.close()
             await waiter.close()
+            if cache is not None:
+                await cache.client.aclose()
             await client.aclose()
 
     app = FastAPI(

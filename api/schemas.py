@@ -25,6 +25,7 @@ class Body(BaseModel):
 MAX_POOL_FACTOR = 16  # a page of 736 tokens keeps 46 vectors at 16
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the model's vocabulary by its worker
 EmbeddingInput = str | list[str] | list[TokenId] | list[list[TokenId]]
+CacheFlag = Annotated[bool, Field(description="false: this request neither reads nor writes the embedding cache.")]
 
 
 class EmbeddingRequest(Body):
@@ -41,6 +42,7 @@ class EmbeddingRequest(Body):
     )
     normalize: bool | None = Field(default=None, description="L2-normalize; default from models.yaml.")
     truncate: bool = Field(default=True, description="false: refuse over-long input with 400 instead of cutting it.")
+    cache: CacheFlag = True
 
 
 class ModelCard(BaseModel):
@@ -65,6 +67,7 @@ class _LateInteractionOptions(Body):
     normalize: bool = Field(default=True, description="L2-normalize the pooled vector (token vectors come normalized).")
     encoding_format: Literal["float", "base64"] = "float"
     dtype: Literal["float32", "float16"] = Field(default="float32", description="Float width of base64 output.")
+    cache: CacheFlag = True
 
 
 class TextEmbeddingRequest(_LateInteractionOptions):
@@ -87,6 +90,7 @@ class RerankRequest(Body):
     top_n: int | None = Field(default=None, ge=1, description="Return only the best top_n (default: all).")
     return_documents: bool = Field(default=False, description="Echo each text document in its result.")
     truncate: bool = True
+    cache: CacheFlag = True
 
     @model_validator(mode="after")
     def _one_kind(self) -> RerankRequest:

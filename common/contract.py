@@ -28,6 +28,17 @@ def embed_queue_parts(queue: str) -> tuple[str, str]:
     return model, modality
 
 
+# EMBED_TASK's options, each with the value the task takes when it is not sent (its signature's).
+EMBED_OPTIONS = {
+    "output": "pooled",
+    "normalize": None,
+    "dimensions": None,
+    "input_type": "document",
+    "truncate": True,
+    "dtype": "float32",
+}
+
+
 def embed_kwargs(model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
     """The arguments of EMBED_TASK: `inputs` (each `{"text"}`, `{"token_ids"}` or `{"image": bytes}`)
     and the task's options (`output`, `normalize`, `dimensions`, `input_type`, `truncate`, `dtype`)."""

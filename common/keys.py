@@ -32,6 +32,12 @@ def task_crashes(task_id: str) -> str:
 # Hash: items sent to and embedded by the model workers, `sent:<model>:<modality>` and
 # `embedded:<model>:<modality>` -> count, for `/metrics` (a duplicate run shows as embedded > sent).
 ITEMS = "embedq:items"
+# Hash: the embedding cache's lookups, `hits|misses|errors:<path>:<model>:<modality>` -> count, where
+# path is `online` (the API's requests) or `ingest` (the model workers' pages and chunks). Kept here,
+# not in the cache's own Redis, which evicts and may be the one that is unreachable.
+CACHE_COUNTS = "embedq:cache-counts"
+# String prefix of an embedding cache entry (in the cache's own Redis): common.cache.entries.
+CACHE_ENTRY_PREFIX = "embedq:cache:"
 
 
 def workers_serving(queue: str) -> str:

@@ -103,6 +103,16 @@ class Settings(BaseSettings):
     ingest_chunks_per_task: int = 64
     ingest_concurrency: int = 2
 
+    # The embedding cache (common.cache), in a Redis of its own so that its evictions never touch
+    # queues or jobs: EMBEDQ_CACHE=off turns it off; without a URL there is none (`embedq up` starts
+    # one, bounded to cache_max_mb and evicting the least recently used entries).
+    cache: bool = True
+    cache_url: str = ""
+    cache_ttl_s: int = Field(default=24 * 3600, gt=0)
+    cache_max_mb: int = Field(default=1024, gt=0)
+    # Every cache call gives up after this: a cache that is slow or gone costs a request this, once.
+    cache_timeout_s: float = Field(default=0.25, gt=0)
+
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -139,6 +149,10 @@ class Settings(BaseSettings):
     @property
     def blob_location(self) -> str:
         return self.blob_url or str(self.var_dir / "blobs")
+
+    @property
+    def cache_on(self) -> bool:
+        return self.cache and bool(self.cache_url)
 
     @property
     def heartbeat_every_s(self) -> float:

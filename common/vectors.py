@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .errors import TooLarge
+
 WireDtype = Literal["float32", "float16"]
 
 
@@ -29,6 +31,16 @@ def unpack(packed: dict[str, Any]) -> list[np.ndarray]:
 def to_base64(array: np.ndarray, dtype: WireDtype = "float32") -> str:
     """OpenAI's base64 format: the little-endian bytes of the (flattened) array."""
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+
+
+def check_answer_bytes(nbytes: int, limit: int) -> None:
+    """Refuse an answer of `nbytes` bytes of vectors over `limit` (EMBEDQ_MAX_RESPONSE_BYTES)."""
+    if nbytes > limit:
+        raise TooLarge(
+            f"The answer would hold {nbytes:,} bytes of vectors; the limit is {limit:,} "
+            "(EMBEDQ_MAX_RESPONSE_BYTES): send fewer or shorter inputs per request.",
+            "input",
+        )
 
 
 def maxsim(query: np.ndarray, documents: Iterable[np.ndarray]) -> np.ndarray:

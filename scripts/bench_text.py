@@ -142,9 +142,15 @@ class Connection:
         return int(status_line.split()[1]), await self.reader.readexactly(length)
 
 
-async def drive(port: int, model: str, texts: list[str], concurrency: int, per_request: int, seconds: float) -> dict:
+async def drive(
+    port: int, model: str, texts: list[str], concurrency: int, per_request: int, seconds: float, **options
+) -> dict:
+    """Closed-loop clients for `seconds`, each posting the next request of `per_request` texts (with
+    the request `options`) as soon as it has the answer to its last."""
     bodies = [
-        json.dumps({"model": model, "input": texts[i : i + per_request], "encoding_format": "base64"}).encode()
+        json.dumps(
+            {"model": model, "input": texts[i : i + per_request], "encoding_format": "base64", **options}
+        ).encode()
         for i in range(0, len(texts) - per_request + 1, per_request)
     ]
     latencies: list[float] = []
@@ -190,7 +196,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_service(model: str, threads: int, logs: Path) -> tuple[list, int]:
+def start_service(model: str, threads: int, logs: Path, **overrides: str) -> tuple[list, int, str]:
+    """A Redis (EMBEDQ_REDIS_URL, or an embedded one), a worker of `model` and the API, with the
+    settings `overrides` on top: (the processes, the API's port, the Redis URL)."""
     from tests.stack import start_api, start_worker, test_env
 
     redis_url, redis_proc = procs.redis_or_embedded(os.environ.get("EMBEDQ_REDIS_URL"), logs / "redis")
@@ -204,11 +212,12 @@ def start_service(model: str, threads: int, logs: Path) -> tuple[list, int]:
         # production timeouts, not the tests' short ones
         EMBEDQ_VISIBILITY_TIMEOUT_S="30",
         EMBEDQ_REQUEST_TIMEOUT_S="60",
+        **overrides,
     )
     children.append(start_worker(env, model, logs / "worker.log"))
     api, base = start_api(env, logs / "api.log")
     children.append(api)
-    return children, int(base.rsplit(":", 1)[1])
+    return children, int(base.rsplit(":", 1)[1]), redis_url
 
 
 def main() -> None:
@@ -234,7 +243,7 @@ def main() -> None:
         f"one bare forward (1 text) p50 {ceiling['single_forward_ms_p50']:.2f} ms back to back, "
         f"{ceiling['single_forward_after_pause_ms_p50']:.2f} ms after a {PAUSE_S * 1000:.0f} ms pause"
     )
-    children, port = start_service(args.model, args.threads, args.logs)
+    children, port, _ = start_service(args.model, args.threads, args.logs)
     worker, api = children[-2:]
     try:
         print(

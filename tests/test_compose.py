@@ -339,6 +339,19 @@ def test_redis_requires_the_password_every_service_is_given(project):
             assert urlsplit(url).password == SECRETS["REDIS_PASSWORD"], name
 
 
+def test_the_embedding_cache_is_a_bounded_evicting_redis_of_its_own(project):
+    services = project["services"]
+    for name, service in services.items():
+        if embedq_role(service) in ("api", "worker"):
+            url = urlsplit(environment(service)["EMBEDQ_CACHE_URL"])
+            assert (url.hostname, url.password) == ("cache", SECRETS["REDIS_PASSWORD"]), name
+    cache_cmd = command(services["cache"])
+    assert option(cache_cmd, "--requirepass") == SECRETS["REDIS_PASSWORD"]
+    assert option(cache_cmd, "--maxmemory-policy") == "allkeys-lru"
+    assert memory_bytes(option(cache_cmd, "--maxmemory")) < memory_limit(services["cache"])
+    assert services["cache"]["networks"] == ["internal"]
+
+
 def test_milvus_has_auth_on_and_embedq_passes_its_token(project):
     services = project["services"]
     milvus = environment(services["milvus"])

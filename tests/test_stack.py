@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from common.launch import procs
 
@@ -105,6 +107,16 @@ def test_up_brings_its_own_parts_restarts_a_dead_child_and_stops_them(models_fil
         ready = httpx.get(f"{up.base}/health/ready", timeout=5).json()
         assert (ready["ingest_workers"], ready["search_workers"], ready["failing"]) == (1, 1, [])
         assert list((tmp_path / "var" / "redis").glob("appendonly*"))  # Redis keeps its append-only file
+        # The embedding cache's own Redis, bounded and evicting, answers a repeated input.
+        cache = redis.Redis.from_url(re.search(r"embedding cache Redis on (\S+)", up.output).group(1))
+        bound = cache.config_get("maxmemory*")
+        assert (bound["maxmemory"], bound["maxmemory-policy"]) == (str(1024 * 2**20), "allkeys-lru")
+        httpx.post(f"{up.base}/v1/embeddings", json={"model": MINILM, "input": "hi"}, timeout=30).raise_for_status()
+        hits = f'embedq_cache_hits_total{{modality="text",model="{MINILM}",path="online"}} 1.0'
+        deadline = time.monotonic() + 10  # the API adds its counts to Redis every second
+        while hits not in httpx.get(f"{up.base}/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "no cache hit counted"
+            time.sleep(0.2)
 
         worker = next(pid for pid in children_of(up.proc.pid) if f"--model\0{MINILM}" in _cmdline(pid))
         os.kill(worker, signal.SIGKILL)
@@ -120,7 +132,7 @@ def test_up_brings_its_own_parts_restarts_a_dead_child_and_stops_them(models_fil
             time.sleep(0.5)
 
         started = children_of(up.proc.pid)
-        assert len(started) >= 6  # redis, milvus, api, worker, ingest worker, search worker
+        assert len(started) >= 7  # redis, the cache's redis, milvus, api, worker, ingest worker, search worker
         sending.set()
         for _ in range(4):
             threading.Thread(target=send, daemon=True).start()

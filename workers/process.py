@@ -1,6 +1,7 @@
 """What a worker process builds once, when it starts: its settings, one Redis connection pool, the
-Celery app, and, made on first use, the job state, the job ledger and the vector store. The model
-worker adds its runtime, the search worker its searcher. Tasks read them all from `current()`.
+Celery app, and, made on first use, the job state, the job ledger, the vector store and the
+embedding cache. The model worker adds its runtime, the search worker its searcher. Tasks read them
+all from `current()`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import redis
 from celery import Celery
 
+from common.cache.client import SyncCache
 from common.connections import redis_client
 from common.delivery.app import create_celery_app
 from common.delivery.crashes import Crashes
@@ -55,6 +57,13 @@ class Process:
     @cached_property
     def crashes(self) -> Crashes:
         return Crashes(self.redis, self.settings.max_deliveries, self.settings.job_ttl_s)
+
+    @cached_property
+    def cache(self) -> SyncCache | None:
+        """The embedding cache for pages and chunks (common.cache), or None when it is off."""
+        if not self.settings.cache_on:
+            return None
+        return SyncCache(redis_client(self.settings, cache=True), self.settings.cache_ttl_s)
 
     @cached_property
     def store(self) -> MilvusStore:

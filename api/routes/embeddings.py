@@ -36,6 +36,7 @@ async def create_embeddings(
         "text",
         inputs,
         gone,
+        cache=body.cache,
         output="pooled",
         normalize=body.normalize,
         dimensions=body.dimensions,

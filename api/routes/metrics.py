@@ -49,6 +49,41 @@ ITEM_COUNTERS = {
 }
 
 
+# The embedding cache's lookups in keys.CACHE_COUNTS, `<what>:<path>:<model>:<modality>`.
+CACHE_COUNTERS = {
+    "hits": "Inputs the embedding cache answered (path: online requests, or ingest pages and chunks).",
+    "misses": "Inputs looked up in the embedding cache and computed.",
+    "errors": "Lookups and writes that failed because the cache was unreachable or too slow.",
+}
+# The cache Redis's own numbers (common.cache.client.AsyncCache.stats).
+CACHE_GAUGES = {
+    "bytes": ("gauge", "Memory the embedding cache's Redis uses."),
+    "max_bytes": ("gauge", "The embedding cache's memory bound (its Redis' maxmemory; 0: none)."),
+    "entries": ("gauge", "Entries in the embedding cache."),
+    "evictions": ("counter", "Entries the embedding cache's Redis evicted to stay within its bound."),
+}
+
+
+def cache_counters(counts: dict[str, int]) -> Iterator[Metric]:
+    for what, help_text in CACHE_COUNTERS.items():
+        counter = CounterMetricFamily(f"embedq_cache_{what}", help_text, labels=["path", "model", "modality"])
+        for key, count in sorted(counts.items()):
+            kind, path, rest = key.split(":", 2)
+            if kind == what:
+                model, _, modality = rest.rpartition(":")
+                counter.add_metric([path, model, modality], count)
+        yield counter
+
+
+def cache_gauges(stats: dict[str, int] | None) -> Iterator[Metric]:
+    """The cache Redis's numbers, or `embedq_cache_up 0` alone (the cache is off or unreadable)."""
+    yield GaugeMetricFamily("embedq_cache_up", "1 when this scrape could read the embedding cache.", int(bool(stats)))
+    for name, (kind, help_text) in CACHE_GAUGES.items():
+        if stats:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"embedq_cache_{name}", help_text, value=stats[name])
+
+
 @dataclass
 class RedisReading:
     """What one scrape read from Redis."""
@@ -58,6 +93,7 @@ class RedisReading:
     worker_stats: dict[str, dict[str, str]] = field(default_factory=dict)  # worker name -> its hash
     items: dict[str, int] = field(default_factory=dict)  # keys.ITEMS: `sent|embedded:<model>:<modality>` -> count
     search_stats: dict[str, dict[str, str]] = field(default_factory=dict)  # search worker -> its hash
+    cache_counts: dict[str, int] = field(default_factory=dict)  # keys.CACHE_COUNTS
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -97,6 +133,7 @@ class RedisReading:
         yield kernel
         yield pages
         yield from upstreams.families(self.worker_stats)
+        yield from cache_counters(self.cache_counts)
 
 
 async def read_redis(client: aioredis.Redis, registry: Registry, settings: Settings) -> RedisReading:
@@ -110,16 +147,17 @@ async def read_redis(client: aioredis.Redis, registry: Registry, settings: Setti
         *replies, searchers, fronting = await pipe.execute()
     depths, alive = replies[0::2], replies[1::2]
     searchers = sorted(member.decode() for member in searchers)
-    # Live workers come from the heartbeat sets, not from a SCAN for stats hashes: a SCAN walks the
-    # whole keyspace, about 0.5 s of Redis time per scrape with the million task results that a
-    # busy API keeps.
-    # and those fronting upstreams, which are out of the live sets while every upstream is down.
+    # Live workers come from the heartbeat sets (and keys.BACKEND_STATS_WORKERS, for those fronting
+    # upstreams, which leave the live sets while every upstream is down), not from a SCAN for stats
+    # hashes: a SCAN walks the whole keyspace, about 0.5 s of Redis time per scrape with the million
+    # task results that a busy API keeps.
     workers = sorted({member.decode() for members in [*alive, fronting] for member in members})
     async with client.pipeline(transaction=False) as pipe:
         for worker in workers + searchers:
             pipe.hgetall(keys.worker_stats(worker))
         pipe.hgetall(keys.ITEMS)
-        *hashes, items = await pipe.execute()
+        pipe.hgetall(keys.CACHE_COUNTS)
+        *hashes, items, cache_counts = await pipe.execute()
     decoded = [{k.decode(): v.decode() for k, v in raw.items()} for raw in hashes]
     return RedisReading(
         queue_depth=dict(zip(served, depths)),
@@ -128,6 +166,7 @@ async def read_redis(client: aioredis.Redis, registry: Registry, settings: Setti
         worker_stats={worker: stats for worker, stats in zip(workers, decoded) if stats},
         items={k.decode(): int(v) for k, v in items.items()},
         search_stats={worker: stats for worker, stats in zip(searchers, decoded[len(workers) :]) if stats},
+        cache_counts={k.decode(): int(v) for k, v in cache_counts.items()},
     )
 
 
@@ -141,8 +180,15 @@ class _Families:
         return self.families
 
 
-def render(http: HttpStats, reading: RedisReading | None, resent: int = 0, revoked: int = 0) -> bytes:
-    """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them."""
+def render(
+    http: HttpStats,
+    reading: RedisReading | None,
+    resent: int = 0,
+    revoked: int = 0,
+    cache: dict[str, int] | None = None,
+) -> bytes:
+    """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them,
+    then the embedding cache's Redis's."""
     families = list(http.collect())
     families.append(
         CounterMetricFamily(
@@ -161,6 +207,7 @@ def render(http: HttpStats, reading: RedisReading | None, resent: int = 0, revok
     families.append(
         GaugeMetricFamily("embedq_redis_up", "1 when this scrape could read Redis.", value=int(reading is not None))
     )
+    families += cache_gauges(cache)
     return generate_latest(_Families(families))
 
 
@@ -172,6 +219,7 @@ async def metrics(request: Request, client: RedisDep, registry: RegistryDep, set
         # Still answer: the HTTP counters are worth having while Redis is down.
         log.warning("metrics: reading Redis failed", exc_info=True)
         reading = None
-    waiter = request.app.state.waiter
-    body = render(request.app.state.http_stats, reading, waiter.resent, waiter.revoked)
+    waiter, cache = request.app.state.waiter, request.app.state.cache
+    cache_stats = await cache.stats() if cache else None
+    body = render(request.app.state.http_stats, reading, waiter.resent, waiter.revoked, cache_stats)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

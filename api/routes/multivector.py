@@ -48,6 +48,7 @@ async def _embed(
         modality,
         inputs,
         gone,
+        cache=options.cache,
         output=output,
         normalize=options.normalize,
         dtype=options.dtype,
@@ -111,6 +112,7 @@ _IMAGE_BODY = {
                         "normalize": {"type": "boolean"},
                         "encoding_format": {"type": "string", "enum": ["float", "base64"]},
                         "dtype": {"type": "string", "enum": ["float32", "float16"]},
+                        "cache": {"type": "boolean"},
                     },
                 }
             },

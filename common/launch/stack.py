@@ -1,7 +1,9 @@
 """`embedq up`: the whole local stack in the foreground, what `./scripts/run` starts.
 
 Redis (EMBEDQ_REDIS_URL, or a private embedded redis-server keeping an append-only file under
-./var/redis, fsynced every second, so a restart loses at most a second of writes), Milvus
+./var/redis, fsynced every second, so a restart loses at most a second of writes), the embedding
+cache's own Redis (EMBEDQ_CACHE_URL, or a private one in memory, bounded by EMBEDQ_CACHE_MAX_MB and
+evicting the least recently used; none with EMBEDQ_CACHE=off), Milvus
 (EMBEDQ_MILVUS_URI, or a Milvus Lite server with its data under ./var/), the API, one worker per
 model in models.yaml, the CPU ingestion worker, the search worker, and Flower when asked. It waits
 until the API says every one of them is live, and prints the URLs.
@@ -179,6 +181,16 @@ def run_stack(flower: bool = False) -> int:
             supervisor.add("redis", lambda: procs.start_redis(data, port))
             print(f"embedq: embedded Redis on {env['EMBEDQ_REDIS_URL']} (append-only file in {data})", flush=True)
         supervisor.settings = settings = settings.model_copy(update={"redis_url": env["EMBEDQ_REDIS_URL"]})
+        if settings.cache and not settings.cache_url:
+            cache_port, cache_mb = procs.free_port(), settings.cache_max_mb
+            env["EMBEDQ_CACHE_URL"] = f"redis://127.0.0.1:{cache_port}/0"
+            cache_dir = settings.var_dir / "cache"
+            supervisor.add("cache", lambda: procs.start_cache_redis(cache_dir, cache_port, cache_mb))
+            print(
+                f"embedq: embedding cache Redis on {env['EMBEDQ_CACHE_URL']} "
+                f"(in memory, at most {cache_mb} MiB, least recently used evicted)",
+                flush=True,
+            )
         if "EMBEDQ_MILVUS_URI" not in os.environ:
             milvus = MilvusLiteServer(settings.var_dir / "milvus", procs.free_port())
             env["EMBEDQ_MILVUS_URI"] = milvus.uri
@@ -216,5 +228,5 @@ def run_stack(flower: bool = False) -> int:
         procs.stop(supervisor.procs("flower"))
         if milvus is not None:
             milvus.stop()
-        procs.stop(supervisor.procs("redis"))
+        procs.stop(supervisor.procs("redis", "cache"))
         print("embedq: stopped", flush=True)

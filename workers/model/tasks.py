@@ -3,7 +3,8 @@ contract (README, "Direct Celery submission"), so other Python backends can subm
 
 - `embedq.embed` answers online requests with vectors;
 - `embedq.index_pages` / `embedq.index_chunks` embed a batch of an ingestion job's pages or text
-  chunks and write them to the job's collection, then count them on the job.
+  chunks and write them to the job's collection, then count them on the job. A page or chunk whose
+  bytes the embedding cache holds (common.cache) is stored without model work.
 """
 
 from __future__ import annotations
@@ -11,19 +12,22 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from typing import Any
 
 import numpy as np
+import redis
 from celery import shared_task
 
+from common.cache.client import add_counts
 from common.contract import EMBED_TASK, INDEX_CHUNKS_TASK, INDEX_PAGES_TASK
-from common.errors import BackendError, EmbedqError, InvalidRequest, ServiceUnavailable, TooLarge
+from common.errors import BackendError, EmbedqError, InvalidRequest, ServiceUnavailable
 from common.jobs.units import chunk_unit, page_unit
 from common.store.milvus import ChunkRecord, PageRecord
-from common.vectors import pack
+from common.vectors import check_answer_bytes, pack
 
 from .. import process
 from ..backends.base import EmbedInput, Prepared, finalize
@@ -94,6 +98,40 @@ def _result(future, rt: Runtime, deadline: float) -> np.ndarray:
                 raise ServiceUnavailable(f"The batcher stopped: {rt.batcher.error!r}") from None
 
 
+def stored_vectors(model: str, modality: str, inputs: list[dict[str, Any]], source: Origin) -> list[np.ndarray]:
+    """Each input's vectors as a collection stores them, before any token pooling: a late-interaction
+    model's token vectors, normalized, in float16; another model's one normalized float32 vector.
+    Those the cache holds (under the key of an online request for that same output) are not
+    computed; the others are, and go into the cache."""
+    proc = process.current()
+    spec, cache = proc.runtime.spec, proc.cache
+    multivector = spec.multivector
+    dtype = "float16" if multivector else "float32"
+    options = {"output": "multivector" if multivector else "pooled", "normalize": True, "dtype": dtype}
+    lookup = cache.lookup(spec, modality, inputs, options) if cache else None
+    todo = lookup.missing if lookup else range(len(inputs))
+    arrays, tokens = [], []
+    if todo:
+        items = [EmbedInput(modality, input_type="document", **inputs[i]) for i in todo]
+        raw, prepared = run_model(model, modality, items, source)
+        arrays = [finalize(a, pooled=not multivector, normalize=True, dimensions=None).astype(dtype) for a in raw]
+        tokens = [p.n_tokens for p in prepared]
+    if lookup is None:
+        return arrays
+    cache.store(lookup, arrays, tokens)
+    _add_cache_counts(proc.redis, cache.take_counts())
+    return lookup.merge(arrays, tokens)[0]
+
+
+def _add_cache_counts(client: redis.Redis, counts: Counter[str]) -> None:
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            add_counts(pipe, counts)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("counting the cache's lookups failed: %s", exc)
+
+
 @shared_task(name=EMBED_TASK, bind=True, throws=(EmbedqError,))
 def embed(
     self,
@@ -126,13 +164,7 @@ def embed(
 
     def check_size(prepared: list[Prepared]) -> None:
         rows = sum(p.n_tokens for p in prepared) if output == "multivector" else len(prepared)
-        limit = process.current().settings.max_response_bytes
-        if rows * width > limit:
-            raise TooLarge(
-                f"The answer would hold {rows * width:,} bytes of vectors; the limit is {limit:,} "
-                "(EMBEDQ_MAX_RESPONSE_BYTES): send fewer or shorter inputs per request.",
-                "input",
-            )
+        check_answer_bytes(rows * width, process.current().settings.max_response_bytes)
 
     arrays, prepared = run_model(model, modality, items, origin(self), check=check_size)
     normalize = spec.normalize if normalize is None else normalize
@@ -194,12 +226,9 @@ def index_pages(
         return data
 
     def write(source: Origin) -> None:
-        arrays, _ = run_model(model, "image", [EmbedInput("image", image=image(p)) for p in pages], source)
+        vectors = stored_vectors(model, "image", [{"image": image(p)} for p in pages], source)
         if process.current().runtime.spec.multivector:
-            vectors = [finalize(a, pooled=False, normalize=True, dimensions=None).astype(np.float16) for a in arrays]
             vectors = pool_pages(vectors, pool_factor)
-        else:  # a single-vector model: one vector per page
-            vectors = [finalize(a, pooled=True, normalize=True, dimensions=None) for a in arrays]
         process.current().store.upsert_pages(
             collection,
             [
@@ -237,8 +266,7 @@ def index_chunks(
     """Embed text chunks (`[{"doc_id", "chunk", "text", "metadata"}]`) and store one vector each."""
 
     def write(source: Origin) -> None:
-        items = [EmbedInput("text", text=c["text"], input_type="document") for c in chunks]
-        arrays, _ = run_model(model, "text", items, source)
+        vectors = stored_vectors(model, "text", [{"text": c["text"]} for c in chunks], source)
         process.current().store.upsert_chunks(
             collection,
             [
@@ -248,9 +276,9 @@ def index_chunks(
                     filename=filename,
                     text=c["text"],
                     metadata=c["metadata"],
-                    vector=finalize(a, pooled=True, normalize=True, dimensions=None),
+                    vector=vector,
                 )
-                for c, a in zip(chunks, arrays)
+                for c, vector in zip(chunks, vectors)
             ],
         )
 
