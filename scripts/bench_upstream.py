@@ -31,13 +31,14 @@ def start(logs: Path, threads: int, concurrency: int) -> tuple[list, object, int
     infinity_port = procs.free_port()
     server = stack.infinity(infinity_port, logs / "infinity.log", threads=threads).start()
     server.wait_healthy(180)
-    config = Path(tempfile.mkdtemp()) / "models.yaml"
+    scratch = Path(tempfile.mkdtemp(prefix="embedq-bench-upstream-"))
+    config = scratch / "models.yaml"
     config.write_text(
         f"models:\n  - name: {MODEL}\n    backend: openai\n    upstreams:\n"
         f"      - {{url: 'http://127.0.0.1:{infinity_port}/v1', model: minilm, concurrency: {concurrency}}}\n"
         "    max_input_tokens: 256\n    dim: 384\n    max_batch_size: 256\n    batch_token_budget: 65536\n"
     )
-    redis_url, redis_proc = procs.redis_or_embedded(None, logs / "redis")
+    redis_url, redis_proc = procs.redis_or_embedded(None, scratch / "redis")  # empty: no earlier run's queues
     env = stack.test_env(
         redis_url,
         config,
