@@ -30,11 +30,16 @@ def _embedq_error(_: Request, exc: EmbedqError) -> ErrorResponse:
     return ErrorResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=headers)
 
 
-def _validation_error(_: Request, exc: RequestValidationError) -> ErrorResponse:
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first failure of a request that FastAPI refused: a message naming the field, and the field."""
     first = exc.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = location[0] if location else None
-    message = f"{'.'.join(location) or 'body'}: {first.get('msg', 'invalid value')}"
+    return f"{'.'.join(location) or 'body'}: {first.get('msg', 'invalid value')}", param
+
+
+def _validation_error(_: Request, exc: RequestValidationError) -> ErrorResponse:
+    message, param = validation_message(exc)
     return ErrorResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
 

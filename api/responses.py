@@ -13,7 +13,7 @@ from common.vectors import WireDtype, to_base64
 from .dispatch import Embedded
 
 
-def json_response(body: dict[str, Any], status: int = 200) -> Response:
+def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type="application/json")
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.errors import InvalidRequest
 from common.inputs.text import check_unicode
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 class Body(BaseModel):
@@ -20,6 +23,19 @@ class Body(BaseModel):
         for name in type(self).model_fields:
             check_unicode(getattr(self, name), name)
         return self
+
+
+def parse(model: type[Model], fields: dict[str, Any] | bytes) -> Model:
+    """`model` from a body a route reads itself (JSON bytes, or form or JSON fields), its first
+    validation failure a 400 naming the field."""
+    try:
+        if isinstance(fields, bytes):
+            return model.model_validate_json(fields)
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first.get("loc") else None
+        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param) from None
 
 
 MAX_POOL_FACTOR = 16  # a page of 736 tokens keeps 46 vectors at 16
@@ -50,6 +66,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "embedq"
+    capabilities: dict[str, Any] | None = Field(
+        default=None, description="`GET /v1/models/{id}`: what the model takes and gives, and its live workers."
+    )
 
 
 class ModelList(BaseModel):
@@ -97,6 +116,15 @@ class RerankRequest(Body):
         if (self.documents is None) == (self.images is None):
             raise ValueError("send either 'documents' or 'images'")
         return self
+
+
+class TokenizeRequest(Body):
+    model: str
+    input: str | list[str]
+    input_type: Literal["query", "document"] = Field(
+        default="document", description="`query`: the tokens of the text with the model's query prefix."
+    )
+    add_special_tokens: bool = True
 
 
 class CollectionCreate(Body):

@@ -33,6 +33,14 @@ class InputTooLong(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class EmptyInput(InvalidRequest):
+    code = "empty_input"
+
+
+class TooManyInputs(InvalidRequest):
+    code = "too_many_inputs"
+
+
 class Unauthorized(EmbedqError):
     status = 401
     type = "authentication_error"

@@ -6,10 +6,13 @@ from fastapi import APIRouter, Response
 
 from common.errors import InvalidRequest
 from common.inputs.text import text_inputs
-from common.registry import ModelSpec
+from common.registry import ModelSpec, Registry
+from common.settings import Settings
 
 from ..deps import DispatcherDep, GoneDep, RegistryDep, SettingsDep
+from ..dispatch import Dispatcher, Embedded
 from ..responses import embedding_list
+from ..results import Gone
 from ..schemas import EmbeddingRequest
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
@@ -24,14 +27,14 @@ def check_dimensions(spec: ModelSpec, dimensions: int | None) -> None:
         raise InvalidRequest(f"'dimensions' must be one of {spec.dimensions} for '{spec.name}'.", "dimensions")
 
 
-@router.post("/embeddings", summary="Create embeddings (OpenAI-compatible)")
-async def create_embeddings(
-    body: EmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep, gone: GoneDep
-) -> Response:
+async def pooled_vectors(
+    body: EmbeddingRequest, settings: Settings, registry: Registry, dispatcher: Dispatcher, gone: Gone
+) -> tuple[ModelSpec, Embedded]:
+    """What `POST /v1/embeddings` computes for `body`: the model and one vector per input."""
     spec = registry.get(body.model)
     inputs = text_inputs(body.input, settings.max_inputs)
     check_dimensions(spec, body.dimensions)
-    result = await dispatcher.embed(
+    return spec, await dispatcher.embed(
         spec.name,
         "text",
         inputs,
@@ -43,4 +46,11 @@ async def create_embeddings(
         input_type=body.input_type,
         truncate=body.truncate,
     )
+
+
+@router.post("/embeddings", summary="Create embeddings (OpenAI-compatible)")
+async def create_embeddings(
+    body: EmbeddingRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep, gone: GoneDep
+) -> Response:
+    spec, result = await pooled_vectors(body, settings, registry, dispatcher, gone)
     return embedding_list(spec.name, result, body.encoding_format)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 
 from common.errors import InvalidRequest
 from common.inputs.images import decode_image_input, validate_image
@@ -15,10 +14,10 @@ from common.registry import ModelSpec
 from common.settings import Settings
 
 from ..deps import DispatcherDep, GoneDep, RegistryDep, SettingsDep
-from ..dispatch import Dispatcher
+from ..dispatch import Dispatcher, Embedded
 from ..responses import embedding_list
 from ..results import Gone
-from ..schemas import ImageEmbeddingRequest, TextEmbeddingRequest, _LateInteractionOptions
+from ..schemas import ImageEmbeddingRequest, TextEmbeddingRequest, _LateInteractionOptions, parse
 
 router = APIRouter(prefix="/v1/embeddings", tags=["late-interaction"])
 
@@ -33,7 +32,7 @@ def _output(spec: ModelSpec, options: _LateInteractionOptions) -> str:
     return options.output
 
 
-async def _embed(
+async def late_interaction(
     dispatcher: Dispatcher,
     gone: Gone,
     spec: ModelSpec,
@@ -41,9 +40,10 @@ async def _embed(
     inputs: list[dict[str, Any]],
     options: _LateInteractionOptions,
     **extra: Any,
-) -> Response:
+) -> Embedded:
+    """What the late-interaction routes compute: each input's token vectors, or its pooled vector."""
     output = _output(spec, options)
-    result = await dispatcher.embed(
+    return await dispatcher.embed(
         spec.name,
         modality,
         inputs,
@@ -54,6 +54,18 @@ async def _embed(
         dtype=options.dtype,
         **extra,
     )
+
+
+async def _embed(
+    dispatcher: Dispatcher,
+    gone: Gone,
+    spec: ModelSpec,
+    modality: str,
+    inputs: list[dict[str, Any]],
+    options: _LateInteractionOptions,
+    **extra: Any,
+) -> Response:
+    result = await late_interaction(dispatcher, gone, spec, modality, inputs, options, **extra)
     return embedding_list(spec.name, result, options.encoding_format, options.dtype, with_shape=True)
 
 
@@ -75,25 +87,14 @@ def image_inputs(images: list[bytes], settings: Settings) -> list[dict[str, Any]
     return [{"image": data} for data in images]
 
 
-def _options(fields: dict[str, Any] | bytes) -> ImageEmbeddingRequest:
-    try:
-        if isinstance(fields, bytes):
-            return ImageEmbeddingRequest.model_validate_json(fields)
-        return ImageEmbeddingRequest.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = str(first["loc"][0]) if first.get("loc") else None
-        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param) from None
-
-
 async def _read_image_request(request: Request) -> tuple[ImageEmbeddingRequest, list[bytes]]:
     """The request's options and image bytes, from JSON or from a multipart form."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         files = [await f.read() for f in form.getlist("images") if not isinstance(f, str)]
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        return _options({**fields, "images": []}), files
-    options = _options(await request.body())
+        return parse(ImageEmbeddingRequest, {**fields, "images": []}), files
+    options = parse(ImageEmbeddingRequest, await request.body())
     return options, [decode_image_input(value) for value in options.images]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, Response
@@ -17,20 +18,34 @@ from fastapi import APIRouter, Response
 from common.errors import InvalidRequest
 from common.inputs.images import decode_image_input
 from common.inputs.text import check_count
+from common.registry import Registry
+from common.settings import Settings
 from common.vectors import maxsim
 
 from ..deps import DispatcherDep, GoneDep, RegistryDep, SettingsDep
+from ..dispatch import Dispatcher
 from ..responses import json_response
+from ..results import Gone
 from ..schemas import RerankRequest
 from .multivector import image_inputs
 
 router = APIRouter(prefix="/v1", tags=["rerank"])
 
 
-@router.post("/rerank", summary="Score documents or page images against a query (Cohere / TEI shape)")
-async def rerank(
-    body: RerankRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep, gone: GoneDep
-) -> Response:
+@dataclass
+class Ranking:
+    """Documents scored against a query: their indexes best first (at most top_n) and scores."""
+
+    model: str
+    order: list[int]
+    scores: np.ndarray
+    tokens: int
+
+
+async def rank(
+    body: RerankRequest, settings: Settings, registry: Registry, dispatcher: Dispatcher, gone: Gone
+) -> Ranking:
+    """What `POST /v1/rerank` computes for `body`, before it is shaped as an answer."""
     spec = registry.get(body.model)
     if "text" not in spec.modalities:
         raise InvalidRequest(f"The model '{spec.name}' does not embed text queries.", "model")
@@ -55,20 +70,27 @@ async def rerank(
         scores = maxsim(query.arrays[0], embedded.arrays)
     else:
         scores = np.stack(embedded.arrays).astype(np.float32) @ np.asarray(query.arrays[0], np.float32)
-    order = np.argsort(-scores, kind="stable")[: body.top_n]
+    order = np.argsort(-scores, kind="stable")[: body.top_n].tolist()
+    return Ranking(spec.name, order, scores, sum(query.tokens) + sum(embedded.tokens))
+
+
+@router.post("/rerank", summary="Score documents or page images against a query (Cohere / TEI shape)")
+async def rerank(
+    body: RerankRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep, gone: GoneDep
+) -> Response:
+    ranking = await rank(body, settings, registry, dispatcher, gone)
     results = []
-    for index in order.tolist():
-        result = {"index": index, "relevance_score": float(scores[index])}
+    for index in ranking.order:
+        result = {"index": index, "relevance_score": float(ranking.scores[index])}
         if body.return_documents and body.documents is not None:
             result["document"] = {"text": body.documents[index]}
         results.append(result)
-    tokens = sum(query.tokens) + sum(embedded.tokens)
     return json_response(
         {
             "id": f"rerank-{uuid.uuid4().hex}",
             "object": "list",
-            "model": spec.name,
+            "model": ranking.model,
             "results": results,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "usage": {"prompt_tokens": ranking.tokens, "total_tokens": ranking.tokens},
         }
     )

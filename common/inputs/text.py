@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence, Sized
 from typing import Any
 
-from ..errors import InputTooLong, InvalidRequest
+from ..errors import EmptyInput, InputTooLong, InvalidRequest, TooManyInputs
 
 PARAM = "input"
 
@@ -30,9 +30,9 @@ def check_unicode(value: Any, param: str) -> None:
 
 def check_count(items: Sequence, max_items: int, param: str) -> None:
     if not items:
-        raise InvalidRequest(f"'{param}' must not be empty.", param)
+        raise EmptyInput(f"'{param}' must not be empty.", param)
     if len(items) > max_items:
-        raise InvalidRequest(f"'{param}' has {len(items)} items; at most {max_items} are allowed per request.", param)
+        raise TooManyInputs(f"'{param}' has {len(items)} items; at most {max_items} are allowed per request.", param)
 
 
 def text_inputs(raw: Any, max_inputs: int) -> list[dict[str, Any]]:
