@@ -29,7 +29,16 @@ from redis import RedisError
 
 from common import keys
 from common.cache.client import AsyncCache, add_counts
-from common.contract import EMBED_TASK, SEARCH_TASK, embed_kwargs, embed_queue, search_kwargs, search_queue
+from common.contract import (
+    EMBED_TASK,
+    SEARCH_TASK,
+    TOKENIZE_TASK,
+    embed_kwargs,
+    embed_queue,
+    search_kwargs,
+    search_queue,
+    tokenize_kwargs,
+)
 from common.delivery.heartbeat import live_workers
 from common.errors import QueueFull, ServiceUnavailable
 from common.registry import Registry
@@ -179,6 +188,21 @@ class Dispatcher:
         kwargs = embed_kwargs(model, modality, inputs, **options)
         self._sent[(model, modality)] += len(inputs)
         return Embedded.from_result(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs, gone))
+
+    async def tokenize(
+        self,
+        model: str,
+        texts: list[str],
+        gone: Gone | None,
+        input_type: str = "document",
+        add_special_tokens: bool = True,
+    ) -> dict[str, Any]:
+        """Each text's tokens by the model's own tokenizer, on a worker of its text queue (the API
+        holds no tokenizer): the texts as tokenized (`texts`, with any query prefix) and their
+        `tokens`, `[id, text, special, start, stop]` each."""
+        await self.check_capacity(model, "text")
+        kwargs = tokenize_kwargs(model, texts, input_type, add_special_tokens)
+        return await self._call(TOKENIZE_TASK, embed_queue(model, "text"), kwargs, gone)
 
     async def _live_searchers(self) -> set[str]:
         members = await live_workers(self._client, keys.SEARCH_WORKERS_ALIVE, self._settings.worker_heartbeat_ttl_s)

@@ -29,7 +29,7 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import RequestMetrics
 from .results import ResultWaiter
-from .routes import collections, embeddings, health, jobs, metrics, models, multivector, rerank
+from .routes import collections, embeddings, health, jobs, metrics, models, multivector, rerank, tokenize
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         embeddings.router,
         multivector.router,
         rerank.router,
+        tokenize.router,
         collections.router,
         jobs.router,
         metrics.router,

@@ -14,6 +14,7 @@ INDEX_CHUNKS_TASK = "embedq.index_chunks"
 INGEST_TASK = "embedq.ingest_file"
 INGEST_QUEUE = "ingest.cpu"
 SEARCH_TASK = "embedq.search_pages"
+TOKENIZE_TASK = "embedq.tokenize"
 SEARCH_QUEUE = "search.pages"
 
 
@@ -43,6 +44,17 @@ def embed_kwargs(model: str, modality: str, inputs: list[dict[str, Any]], **opti
     """The arguments of EMBED_TASK: `inputs` (each `{"text"}`, `{"token_ids"}` or `{"image": bytes}`)
     and the task's options (`output`, `normalize`, `dimensions`, `input_type`, `truncate`, `dtype`)."""
     return {"model": model, "modality": modality, "inputs": inputs, **options}
+
+
+def tokenize_kwargs(model: str, texts: list[str], input_type: str, add_special_tokens: bool) -> dict[str, Any]:
+    """The arguments of TOKENIZE_TASK, which goes to the model's text queue like its embeddings."""
+    return {
+        "model": model,
+        "modality": "text",
+        "texts": texts,
+        "input_type": input_type,
+        "add_special_tokens": add_special_tokens,
+    }
 
 
 def search_queue(worker: str | None = None) -> str:
@@ -89,7 +101,7 @@ def task_items(name: str, kwargs: dict[str, Any]) -> int:
 
 def task_queue(name: str, kwargs: dict[str, Any]) -> str | None:
     """The queue of an embedq task, from its name and arguments; None for a task that is not ours."""
-    if name == EMBED_TASK:
+    if name in (EMBED_TASK, TOKENIZE_TASK):
         return embed_queue(kwargs["model"], kwargs["modality"])
     if name == INDEX_PAGES_TASK:
         return embed_queue(kwargs["model"], "image")

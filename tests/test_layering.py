@@ -88,6 +88,7 @@ def test_every_task_has_a_route():
         "embedq.index_pages",
         "embedq.ingest_file",
         "embedq.search_pages",
+        "embedq.tokenize",
     ]
     for name in ours:
         route = route_task(name, (), {"model": "m", "modality": "text"}, {})

@@ -15,6 +15,8 @@ A backend may also have, and the worker uses when it does (none of them is neede
 - `available() -> bool`: whether it can compute now (an upstream with no healthy replica cannot);
   while it cannot, the worker is out of the live sets and the API answers 503 at once;
 - `stats() -> dict[str, str]`: more fields for the worker's stats hash (keys.worker_stats);
+- `tokenize(text, add_special_tokens) -> list[Piece]`: the tokens of `text` (workers.backends.tokens),
+  for `/v1/tokenize`;
 - `close()`: release what it started (a server it supervises), when the worker stops.
 """
 

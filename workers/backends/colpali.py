@@ -55,6 +55,7 @@ from common.settings import Settings
 
 from .base import EmbedInput, Prepared
 from .device import load_options, oom_as_out_of_memory, resolve_device
+from .tokens import Piece, pieces
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,11 @@ class ColpaliBackend:
         Image.new("RGB", (96, 128), "white").save(page, format="PNG")
         self.embed([self.prepare(EmbedInput("text", text="warm up", input_type="query"))])
         self.embed([self.prepare(EmbedInput("image", image=page.getvalue()))])
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[Piece]:
+        """The tokenizer's tokens of `text`, without the processor's query prefix and augmentation."""
+        with self._borrow_processor() as processor:
+            return pieces(processor.tokenizer, text, add_special_tokens)
 
     def prepare(self, item: EmbedInput) -> Prepared:
         if item.modality == "image":

@@ -19,7 +19,7 @@ from common.settings import Settings
 
 from .base import EmbedInput, Prepared
 from .device import load_options, oom_as_out_of_memory, resolve_device
-from .tokens import Tokens, text_of
+from .tokens import Piece, Tokens, text_of
 
 
 class TextBackend:
@@ -44,6 +44,9 @@ class TextBackend:
     def prepare(self, item: EmbedInput) -> Prepared:
         ids = self.tokens.ids(item, text_of(self.spec, item))
         return Prepared(cost=len(ids), n_tokens=len(ids), payload=ids)
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[Piece]:
+        return self.tokens.pieces(text, add_special_tokens)
 
     def embed(self, batch: Sequence[Prepared]) -> list[np.ndarray]:
         lengths = torch.tensor([len(p.payload) for p in batch])

@@ -20,6 +20,24 @@ def text_of(spec: ModelSpec, item: EmbedInput) -> str:
     return item.text or ""
 
 
+Piece = tuple[int, str, bool, "int | None", "int | None"]  # id, text, special, start, stop
+
+
+def pieces(tokenizer: Any, text: str, add_special_tokens: bool) -> list[Piece]:
+    """`text`'s tokens as TEI's /tokenize lists them: a special token has its own spelling and no
+    offsets; another has the characters of `text` it covers, [start, stop)."""
+    encoded = tokenizer(
+        text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_special_tokens_mask=True
+    )
+    spelled = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
+    return [
+        (token_id, spelling, True, None, None) if special else (token_id, text[start:stop], False, start, stop)
+        for token_id, (start, stop), special, spelling in zip(
+            encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], spelled
+        )
+    ]
+
+
 class Tokens:
     def __init__(self, tokenizer: Any, limit: int):
         self.tokenizer, self.limit = tokenizer, limit
@@ -42,6 +60,10 @@ class Tokens:
                 self._refuse_if_strict(item, len(ids))
                 ids = self.tokenizer(text, truncation=True, max_length=self.limit)["input_ids"]
         return ids
+
+    def pieces(self, text: str, add_special_tokens: bool) -> list[Piece]:
+        with self._lock:
+            return pieces(self.tokenizer, text, add_special_tokens)
 
     def text(self, ids: list[int]) -> str:
         """The text of `ids`, for an upstream that takes only text."""

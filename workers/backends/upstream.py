@@ -37,7 +37,7 @@ from common.settings import Settings
 
 from .base import EmbedInput, Prepared
 from .replicas import Replica, ReplicaPool
-from .tokens import Tokens, text_of
+from .tokens import Piece, Tokens, text_of
 
 CHARS_PER_TOKEN = 4  # the batch budget's guess of an input's tokens when there is no tokenizer
 
@@ -111,6 +111,11 @@ class UpstreamBackend:
         self._requests.shutdown(wait=False, cancel_futures=True)
         if self.server is not None:
             self.server.stop()
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[Piece]:
+        if self.tokens is None:
+            raise InvalidRequest(f"The model '{self.spec.name}' has no tokenizer here (set its `tokenizer`).", "model")
+        return self.tokens.pieces(text, add_special_tokens)
 
     def prepare(self, item: EmbedInput) -> Prepared:
         dimensions = item.dimensions if self.spec.upstream_dimensions else None

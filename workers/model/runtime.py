@@ -46,7 +46,14 @@ class Runtime:
         key = keys.worker_stats(worker)
         backend_stats = self.backend.stats() if hasattr(self.backend, "stats") else {}
         with client.pipeline() as pipe:
-            stats = {"model": self.spec.name, "device": self.device, **asdict(self.batcher.stats), **backend_stats}
+            stats = {
+                "model": self.spec.name,
+                "device": self.device,
+                "dim": self.backend.dim,
+                "dtype": self.dtype,
+                **asdict(self.batcher.stats),
+                **backend_stats,
+            }
             pipe.hset(key, mapping=stats)
             pipe.expire(key, ttl_s)
             if backend_stats:
@@ -54,6 +61,12 @@ class Runtime:
                 pipe.zadd(keys.BACKEND_STATS_WORKERS, {worker: now})
                 pipe.zremrangebyscore(keys.BACKEND_STATS_WORKERS, 0, now - ttl_s)
             pipe.execute()
+
+    @property
+    def dtype(self) -> str:
+        """The float type the weights run in: a local model's resolved one, else the spec's."""
+        dtype = getattr(self.backend, "options", {}).get("dtype")
+        return str(dtype).removeprefix("torch.") if dtype is not None else self.spec.dtype
 
     def available(self) -> bool:
         """Whether the backend can compute now (one with no `available` always can)."""

@@ -1,7 +1,7 @@
 """The Celery tasks a model worker runs. Names, queues and argument shapes are a documented
 contract (README, "Direct Celery submission"), so other Python backends can submit them directly.
 
-- `embedq.embed` answers online requests with vectors;
+- `embedq.embed` answers online requests with vectors, `embedq.tokenize` with the model's tokens;
 - `embedq.index_pages` / `embedq.index_chunks` embed a batch of an ingestion job's pages or text
   chunks and write them to the job's collection, then count them on the job. A page or chunk whose
   bytes the embedding cache holds (common.cache) is stored without model work.
@@ -23,7 +23,7 @@ import redis
 from celery import shared_task
 
 from common.cache.client import add_counts
-from common.contract import EMBED_TASK, INDEX_CHUNKS_TASK, INDEX_PAGES_TASK
+from common.contract import EMBED_TASK, INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, TOKENIZE_TASK
 from common.errors import BackendError, EmbedqError, InvalidRequest, ServiceUnavailable
 from common.jobs.units import chunk_unit, page_unit
 from common.store.milvus import ChunkRecord, PageRecord
@@ -31,6 +31,7 @@ from common.vectors import check_answer_bytes, pack
 
 from .. import process
 from ..backends.base import EmbedInput, Prepared, finalize
+from ..backends.tokens import text_of
 from .batcher import Dropped, Origin
 from .pooling import pool_pages
 from .runtime import Runtime
@@ -170,6 +171,23 @@ def embed(
     normalize = spec.normalize if normalize is None else normalize
     vectors = [finalize(a, pooled=output == "pooled", normalize=normalize, dimensions=dimensions) for a in arrays]
     return {**pack(vectors, dtype), "tokens": [p.n_tokens for p in prepared]}
+
+
+@shared_task(name=TOKENIZE_TASK, throws=(EmbedqError,))
+def tokenize(
+    *, model: str, modality: str, texts: list[str], input_type: str = "document", add_special_tokens: bool = True
+) -> dict[str, Any]:
+    """The tokens of each text as the model sees it (a query with the model's query prefix):
+    `{"texts": [the text tokenized], "tokens": [[[id, text, special, start, stop], ...] per text]}`,
+    offsets in characters of those texts."""
+    rt = process.current().runtime
+    if model != rt.spec.name:
+        raise InvalidRequest(f"This worker serves {rt.spec.name}, not {model}.", "model")
+    if not hasattr(rt.backend, "tokenize"):
+        raise InvalidRequest(f"The model '{model}' does not tokenize here.", "model")
+    seen = [text_of(rt.spec, EmbedInput(modality, text=text, input_type=input_type)) for text in texts]
+    tokens = [[list(piece) for piece in rt.backend.tokenize(text, add_special_tokens)] for text in seen]
+    return {"texts": seen, "tokens": tokens}
 
 
 def _index(task, job_id: str, index: int, collection: str, units: list[str], what: str, write) -> None:
