@@ -12,7 +12,7 @@ from common.tenants import KeyRing
 
 from .errors import error_body
 
-OPEN_PATHS = frozenset({"/healthz", "/health/live", "/health/ready"})
+OPEN_PATHS = frozenset({"/healthz", "/health/live", "/health/ready", "/healthy-check"})
 REFUSAL = Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'.")
 
 

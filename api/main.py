@@ -22,6 +22,7 @@ from common.store.blobs import BlobStore
 from common.store.changes import PageChanges
 from common.tenants import KeyRing
 
+from . import compat
 from .auth import KeyCheck
 from .deps import LazyStore
 from .dispatch import Dispatcher
@@ -107,4 +108,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.router,
     ):
         app.include_router(router)
+    compat.register(app, settings.compat)
     return app

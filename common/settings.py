@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+COMPAT_FAMILIES = ("tei", "infinity", "layra")
 
 
 def _ram_gb() -> float:
@@ -51,6 +52,12 @@ class Settings(BaseSettings):
     queue_limit: int = 10_000
     # Requests one API process waits on at once; past it, 429 with Retry-After, before it degrades.
     max_in_flight: int = Field(default=4096, gt=0)
+    # Compatibility routes (api.compat) at the paths other servers' clients call, comma-separated
+    # families of COMPAT_FAMILIES; none by default. TEI's and LAYRA's requests name no model: theirs
+    # is the one set here, else the first served model that can answer them.
+    compat: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    compat_tei_model: str = ""
+    compat_layra_model: str = ""
 
     # Workers and queue semantics
     cpu_threads: int = Field(default_factory=lambda: os.cpu_count() or 1)
@@ -112,6 +119,21 @@ class Settings(BaseSettings):
     cache_max_mb: int = Field(default=1024, gt=0)
     # Every cache call gives up after this: a cache that is slow or gone costs a request this, once.
     cache_timeout_s: float = Field(default=0.25, gt=0)
+
+    @field_validator("compat", mode="before")
+    @classmethod
+    def _split_families(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [family.strip().lower() for family in value.split(",") if family.strip()]
+        return value
+
+    @field_validator("compat")
+    @classmethod
+    def _known_families(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(COMPAT_FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown compatibility families {unknown}: choose from {list(COMPAT_FAMILIES)}")
+        return value
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
