@@ -12,7 +12,8 @@ from common.tenants import KeyRing
 
 from .errors import error_body
 
-OPEN_PATHS = frozenset({"/healthz", "/health/live", "/health/ready", "/healthy-check"})
+# With the compatibility routes: TEI's /health and LAYRA's /healthy-check, open on those servers too.
+OPEN_PATHS = frozenset({"/healthz", "/health/live", "/health/ready", "/health", "/healthy-check"})
 REFUSAL = Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'.")
 
 

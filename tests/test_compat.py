@@ -179,6 +179,8 @@ def test_tei_rerank_tokenize_and_info(compat_api):
             assert text.encode()[tei["start"] : tei["stop"]].decode() == native_token["text"]
             assert text[native_token["start"] : native_token["stop"]] == native_token["text"]
 
+    health = httpx.get(f"{compat_api}/health", timeout=10)  # no key, as on TEI
+    assert (health.status_code, health.content) == (200, b"")
     info = httpx.get(f"{compat_api}/info", headers=AUTH, timeout=10).json()
     assert info["model_id"] == MINILM and info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert (info["max_input_length"], info["max_client_batch_size"], info["model_dtype"]) == (
@@ -284,5 +286,5 @@ def test_compat_routes_need_the_key(compat_api):
 def test_compat_is_off_by_default(api_url):
     for path in ("/embed", "/embed_all", "/rerank", "/tokenize", "/embeddings", "/embed_text", "/embed_image"):
         assert httpx.post(f"{api_url}{path}", json={}, timeout=10).status_code == 404, path
-    for path in ("/info", "/models", "/healthy-check"):
+    for path in ("/info", "/health", "/models", "/healthy-check"):
         assert httpx.get(f"{api_url}{path}", timeout=10).status_code == 404, path

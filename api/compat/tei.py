@@ -1,5 +1,5 @@
 """Hugging Face text-embeddings-inference's routes (EMBEDQ_COMPAT=tei): `POST /embed` (and `POST /`,
-where TEI serves an embedding model's), `/embed_all`, `/tokenize`, `GET /info`; its `/rerank` is in
+where TEI serves an embedding model's), `/embed_all`, `/tokenize`, `GET /info`, `/health`; its `/rerank` is in
 api.compat.rerank. Shapes from TEI's router/src/http/types.rs and server.rs (its `ErrorResponse`
 and status table): errors are `{"error", "error_type"}` with TEI's statuses: 400 `empty`, 413
 `validation` for more inputs than `max_client_batch_size` (EMBEDQ_MAX_INPUTS; TEI's documented
@@ -229,6 +229,14 @@ async def rerank(fields: bytes, settings: Settings, registry: Registry, dispatch
             for i in ranking.order
         ]
     )
+
+
+@router.get("/health", summary="TEI: 200 while the model has a live worker (never behind auth)")
+async def health(settings: SettingsDep, registry: RegistryDep, client: RedisDep) -> Response:
+    found = await capabilities(_spec(registry, settings), client, settings)
+    if not found["workers_live"].get("text"):
+        raise ServiceUnavailable("unhealthy")
+    return Response(status_code=200)
 
 
 @router.get("/info", summary="TEI: the served model and the router's limits")
