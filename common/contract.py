@@ -42,7 +42,8 @@ EMBED_OPTIONS = {
 
 def embed_kwargs(model: str, modality: str, inputs: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
     """The arguments of EMBED_TASK: `inputs` (each `{"text"}`, `{"token_ids"}` or `{"image": bytes}`)
-    and the task's options (`output`, `normalize`, `dimensions`, `input_type`, `truncate`, `dtype`)."""
+    and the task's options (`output`: `pooled`, `multivector` or `tokens`; `normalize`, `dimensions`,
+    `input_type`, `truncate`, `dtype`)."""
     return {"model": model, "modality": modality, "inputs": inputs, **options}
 
 

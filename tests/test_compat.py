@@ -141,11 +141,18 @@ def test_tei_refusals_have_teis_status_and_body(compat_api):
         assert set(answer.json()) == {"error", "error_type"}
     answer = post(compat_api, "/rerank", json={"query": "q", "texts": ["a"] * (MAX_INPUTS + 1)})
     assert (answer.status_code, answer.json()["error_type"]) == (413, "validation")
-    answer = post(compat_api, "/embed_all", json={"inputs": "x"})  # MiniLM gives no token vectors
-    assert (answer.status_code, answer.json()["error_type"]) == (422, "validation")
 
 
-def test_tei_embed_all_gives_the_token_vectors(compat_apis):
+def test_tei_embed_all_gives_sentence_transformers_token_embeddings(compat_api, reference_minilm):
+    got = post(compat_api, "/embed_all", json={"inputs": TEXTS[:2]}).json()
+    want = reference_minilm.encode(TEXTS[:2], output_value="token_embeddings")
+    assert len(got) == 2
+    for tokens, reference in zip(got, want):
+        assert_same_rows(tokens, reference.numpy())
+        assert np.allclose(tokens, reference.numpy(), atol=1e-4)
+
+
+def test_tei_embed_all_gives_late_interaction_token_vectors(compat_apis):
     base = compat_apis[1]
     got = post(base, "/embed_all", json={"inputs": TEXTS[:2]}).json()
     native = post(

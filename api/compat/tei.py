@@ -27,6 +27,7 @@ from common.errors import (
     TooLarge,
     TooManyInputs,
 )
+from common.inputs.text import text_inputs
 from common.registry import ModelSpec, Registry
 from common.settings import Settings
 
@@ -37,10 +38,9 @@ from ..responses import json_response
 from ..results import Gone
 from ..routes.embeddings import pooled_vectors
 from ..routes.models import capabilities
-from ..routes.multivector import late_interaction
 from ..routes.rerank import rank
 from ..routes.tokenize import token_lists
-from ..schemas import Body, EmbeddingInput, EmbeddingRequest, TextEmbeddingRequest, parse
+from ..schemas import Body, EmbeddingInput, EmbeddingRequest, parse
 from ..schemas import RerankRequest as NativeRerank
 from .models import tei_model
 
@@ -126,7 +126,7 @@ class EmbedRequest(_Options):
 
 
 class EmbedAllRequest(_Options):
-    inputs: str | list[str]
+    inputs: EmbeddingInput
 
 
 class TokenizeRequest(TeiBody):
@@ -159,29 +159,23 @@ async def embed(
     return json_response(result.arrays)
 
 
-@router.post("/embed_all", summary="TEI: every token's vector (late-interaction models)")
+@router.post("/embed_all", summary="TEI: every token's vector")
 async def embed_all(
     body: EmbedAllRequest, settings: SettingsDep, registry: RegistryDep, dispatcher: DispatcherDep, gone: GoneDep
 ) -> Response:
+    """A text model's last hidden state per token, as TEI gives it (not normalized); a
+    late-interaction model's token vectors."""
     spec = _spec(registry, settings)
-    if not spec.multivector:
-        raise InvalidRequest(
-            f"The model '{spec.name}' gives one vector per input; /embed_all needs a late-interaction model "
-            "(EMBEDQ_COMPAT_TEI_MODEL)."
-        )
-    options = parse(
-        TextEmbeddingRequest,
-        dict(
-            model=spec.name,
-            input=body.inputs,
-            output="multivector",
-            input_type=body.input_type(),
-            truncate=body.truncation(),
-        ),
-    )
-    inputs = [{"text": text} for text in ([body.inputs] if isinstance(body.inputs, str) else body.inputs)]
-    result = await late_interaction(
-        dispatcher, gone, spec, "text", inputs, options, input_type=options.input_type, truncate=options.truncate
+    inputs = text_inputs(body.inputs, settings.max_inputs)
+    result = await dispatcher.embed(
+        spec.name,
+        "text",
+        inputs,
+        gone,
+        output="tokens",
+        normalize=False,
+        input_type=body.input_type(),
+        truncate=body.truncation(),
     )
     return json_response(result.arrays)
 

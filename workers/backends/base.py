@@ -46,6 +46,7 @@ class EmbedInput:
     input_type: Literal["query", "document"] = "document"
     truncate: bool = True
     dimensions: int | None = None  # the Matryoshka size asked for, for a backend that computes it itself
+    token_vectors: bool = False  # every token's vector, from a backend that otherwise pools (text)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Prepared:
     cost: int
     n_tokens: int  # a backend that learns it only from the forward pass (an upstream's usage) sets it in `embed`
     payload: Any = field(repr=False)
+    token_vectors: bool = False  # EmbedInput.token_vectors: `embed` gives this input's (n_tokens, dim) rows
 
 
 class Backend(Protocol):

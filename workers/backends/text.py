@@ -43,7 +43,7 @@ class TextBackend:
 
     def prepare(self, item: EmbedInput) -> Prepared:
         ids = self.tokens.ids(item, text_of(self.spec, item))
-        return Prepared(cost=len(ids), n_tokens=len(ids), payload=ids)
+        return Prepared(cost=len(ids), n_tokens=len(ids), payload=ids, token_vectors=item.token_vectors)
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[Piece]:
         return self.tokens.pieces(text, add_special_tokens)
@@ -56,9 +56,13 @@ class TextBackend:
         mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
         with torch.inference_mode(), oom_as_out_of_memory():
             ids, mask, lengths = ids.to(self.device), mask.to(self.device), lengths.to(self.device)
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            pooled = self._pool(hidden.float(), mask, lengths).cpu().numpy()
-        return list(pooled)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            pooled = self._pool(hidden, mask, lengths).cpu().numpy()
+            # An input that asks for its token vectors gets its rows of the last hidden state (right-padded).
+            tokens = {
+                row: hidden[row, : len(p.payload)].cpu().numpy() for row, p in enumerate(batch) if p.token_vectors
+            }
+        return [tokens.get(row, vector) for row, vector in enumerate(pooled)]
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.spec.pooling == "cls":

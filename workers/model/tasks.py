@@ -150,21 +150,31 @@ def embed(
     """Embed `inputs` (each `{"text": str}`, `{"token_ids": [int]}` or `{"image": bytes}`).
 
     Returns `{"dtype", "shapes", "data": [bytes per input], "tokens": [int per input]}`:
-    pooled output gives shape `(dim,)`, multivector `(n_tokens, dim)`.
+    pooled output gives shape `(dim,)`, multivector `(n_tokens, dim)`; `tokens` is multivector for
+    a late-interaction model and, for a text model, every token's last hidden state.
     """
     spec = process.current().runtime.spec
     if output == "multivector" and not spec.multivector:
         raise InvalidRequest(f"The model '{model}' gives one vector per input; output must be 'pooled'.", "output")
+    if output == "tokens" and not (spec.multivector or spec.backend == "text"):
+        raise InvalidRequest(f"The model '{model}' gives no token vectors here.", "output")
     if reason := exhausted(self):
         raise BackendError(f"These inputs were not embedded: {reason}.")
     items = [
-        EmbedInput(modality=modality, input_type=input_type, truncate=truncate, dimensions=dimensions, **entry)
+        EmbedInput(
+            modality=modality,
+            input_type=input_type,
+            truncate=truncate,
+            dimensions=dimensions,
+            token_vectors=output == "tokens",
+            **entry,
+        )
         for entry in inputs
     ]
     width = np.dtype(dtype).itemsize * (dimensions or process.current().runtime.backend.dim)
 
     def check_size(prepared: list[Prepared]) -> None:
-        rows = sum(p.n_tokens for p in prepared) if output == "multivector" else len(prepared)
+        rows = len(prepared) if output == "pooled" else sum(p.n_tokens for p in prepared)
         check_answer_bytes(rows * width, process.current().settings.max_response_bytes)
 
     arrays, prepared = run_model(model, modality, items, origin(self), check=check_size)
