@@ -6,8 +6,9 @@
 const $ = (selector) => document.querySelector(selector);
 const state = { collection: null, kind: null };
 
-function element(tag, props = {}, ...children) {
+function element(tag, { dataset = {}, ...props } = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
+  Object.assign(node.dataset, dataset);
   node.append(...children);
   return node;
 }
@@ -222,6 +223,7 @@ function followJob(job) {
         const done = (file.processed || 0) + (file.failed || 0) + (file.skipped || 0);
         const ended = ["completed", "failed", "cancelled"].includes(file.status);
         view.fileBar.value = ended ? 100 : percent(done, file.total);
+        view.fileBar.classList.toggle("failed", file.status === "failed");
         view.fileLabel.textContent = `${file.filename}: ${file.status}`;
         view.error.hidden = !file.error;
         view.error.textContent = file.error || "";
