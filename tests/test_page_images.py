@@ -17,6 +17,7 @@ from PIL import Image
 
 from common.inputs.images import page_views
 from common.launch import procs
+from common.settings import Settings
 from common.store.blobs import BlobStore, page_image_key
 from common.store.milvus import MilvusStore, PageRecord
 
@@ -209,3 +210,9 @@ def test_deleting_a_document_or_its_collection_deletes_its_images(images_api, al
     blobs.put(page_image_key(alice_pages, "d/1", 1, "full"), b"again")
     assert httpx.delete(f"{base}/v1/collections/{alice_pages}", headers=auth("alice")).status_code == 200
     assert blobs.get(page_image_key(alice_pages, "d/1", 1, "full")) is None
+
+
+@pytest.mark.parametrize("variable", ["EMBEDQ_BLOB_URI", "EMBEDQ_BLOB_URL"])  # the second: its old name
+def test_the_blob_store_is_named_by_either_variable(monkeypatch, variable):
+    monkeypatch.setenv(variable, "s3://bucket/prefix")
+    assert Settings().blob_location == "s3://bucket/prefix"
