@@ -180,6 +180,7 @@ def test_images_need_a_key_and_are_their_tenants(images_api, alice_pages):
 def test_the_console_session_cookie_stands_for_the_key(images_api, alice_pages):
     base = images_api[0]
     assert httpx.get(f"{base}/console/").status_code == 200  # the console's assets are open
+    assert httpx.get(f"{base}/console/session").json()["auth"] is True
     assert httpx.post(f"{base}/console/session", headers={"Authorization": "Bearer wrong"}).status_code == 401
     signed = httpx.post(f"{base}/console/session", headers=auth("alice"))
     assert signed.status_code == 200

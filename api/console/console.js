@@ -67,7 +67,6 @@ $("#signin-form").addEventListener("submit", guard(async (event) => {
   }
   notify("");
   $("#signin").hidden = true;
-  $("#sign-out").hidden = false;
   await refresh();
 }));
 
@@ -319,6 +318,8 @@ async function loadStatus() {
 
 async function refresh() {
   await Promise.all([loadModels(), loadCollections(), loadStatus()]);
+  const session = await (await fetch("/console/session", { credentials: "same-origin" })).json();
+  $("#sign-out").hidden = !session.auth; // signed in: the calls above passed
 }
 
 guard(refresh)();

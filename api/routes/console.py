@@ -28,6 +28,12 @@ def assets() -> StaticFiles:
     return StaticFiles(directory=ASSETS, html=True)
 
 
+@router.get("/session")
+async def session_needed(request: Request) -> Response:
+    """Whether this API asks for a key (the console then offers to sign out)."""
+    return json_response({"object": "session", "auth": not request.app.state.ring.open})
+
+
 @router.post("/session")
 async def sign_in(request: Request, settings: SettingsDep, authorization: str = Header(default="")) -> Response:
     ring = request.app.state.ring
