@@ -2,8 +2,8 @@
 the real stack: Redis, Milvus Lite, the ingestion and search workers, a tiny ColQwen2 worker, and
 the API with keys set. Signs in, creates a collection, uploads a three-page PDF and a corrupt one
 through the file input, follows their progress to the end, searches and sees thumbnails that
-loaded, opens a page, passes axe-core at desktop and phone widths, and deletes the document,
-after which its images answer 404. Screenshots go to EMBEDQ_SCREENSHOTS (docs/ for the README)
+loaded, opens a page, passes axe-core at desktop and phone widths, deletes the document, after
+which its images answer 404, and cancels a job (of a model that no worker serves, so that it waits). Screenshots go to EMBEDQ_SCREENSHOTS (docs/ for the README)
 or the test's temporary folder."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from common.launch import procs
+from common.store.milvus import MilvusStore
 from tests.tiny_models import tiny_models_dir
 
 from .stack import spawn, start_api, start_search_worker, start_worker
@@ -24,6 +25,7 @@ from .test_ingestion import make_pdf
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "console-key-5f2e9a"
 MODEL = "colqwen2"
+IDLE_MODEL = "colqwen2-idle"  # served by no worker: its jobs wait, to be cancelled
 TIMEOUT_MS = 60_000
 
 pytestmark = pytest.mark.skipif(
@@ -35,11 +37,12 @@ pytestmark = pytest.mark.skipif(
 def console_stack(stack_env, logs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("console")
     config = folder / "models.yaml"
-    config.write_text(
-        f"models:\n  - name: {MODEL}\n    backend: colpali\n    model_class: ColQwen2\n"
+    entry = (
+        "  - name: {}\n    backend: colpali\n    model_class: ColQwen2\n"
         f"    path: {tiny_models_dir() / 'colqwen2'}\n    device: cpu\n    modalities: [text, image]\n"
         "    max_input_tokens: 64\n"
     )
+    config.write_text("models:\n" + entry.format(MODEL) + entry.format(IDLE_MODEL))
     env = {
         **stack_env,
         "EMBEDQ_MODELS_FILE": str(config),
@@ -53,7 +56,7 @@ def console_stack(stack_env, logs, tmp_path_factory):
         start_search_worker(env, logs / "search-worker-console.log"),
     ]
     api, base = start_api(env, logs / "api-console.log")
-    yield base, logs / "api-console.log"
+    yield base, logs / "api-console.log", env["EMBEDQ_MILVUS_URI"]
     procs.stop([api, *children])
 
 
@@ -85,7 +88,7 @@ def test_the_console_from_upload_to_search(console_stack, browser, shots):
     from playwright.sync_api import expect
 
     expect.set_options(timeout=TIMEOUT_MS)
-    base, api_log = console_stack
+    base, api_log, milvus_uri = console_stack
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -99,9 +102,10 @@ def test_the_console_from_upload_to_search(console_stack, browser, shots):
     page.fill("#api-key", KEY)
     page.click("#signin-form button[type=submit]")
     expect(page.locator("#signin")).to_be_hidden()
-    expect(page.locator("#new-model option")).to_have_text([MODEL])
+    expect(page.locator("#new-model option")).to_have_text([MODEL, IDLE_MODEL])
 
     page.fill("#new-name", "reports")
+    page.select_option("#new-model", MODEL)
     page.click("#create-form button[type=submit]")
     expect(page.locator("#collection-table tr[data-name=reports]")).to_be_visible()
     expect(page.locator("#file-input")).to_be_enabled()
@@ -156,6 +160,21 @@ def test_the_console_from_upload_to_search(console_stack, browser, shots):
     assert page.request.get(base + src).status == 404
     assert page.request.get(f"{base}{src}?size=thumb").status == 404
     assert httpx.get(base + src).status_code == 401  # without the cookie or a key
+
+    # The API cannot create a collection for a model without a worker (it asks the model its width).
+    store = MilvusStore(milvus_uri)
+    info = store.describe("reports")
+    store.create_collection("waiting_room", info.kind, info.dim, IDLE_MODEL)
+    store.close()
+    page.reload()
+    page.click("#collection-table tr[data-name=waiting_room] button:text('Open')")
+    page.set_input_files("#file-input", [{"name": "later.pdf", "mimeType": "application/pdf", "buffer": make_pdf(2)}])
+    waiting = page.locator("#jobs .job").first
+    expect(waiting.locator(".file label")).to_have_text("later.pdf: running")  # its pages wait in the queue
+    waiting.locator("button", has_text="Cancel").click()
+    expect(waiting.locator(".job-head label")).to_have_text("Job of 1 file(s): cancelled")
+    job_id = waiting.get_attribute("data-job")
+    assert page.request.get(f"{base}/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
     assert errors == []
     assert KEY not in api_log.read_text()  # the key never reaches the logs, nor a URL

@@ -253,7 +253,10 @@ function followJob(job) {
   };
   for (const name of ["progress", "waiting", "completed", "failed", "cancelled"]) source.addEventListener(name, onEvent);
   cancel.addEventListener("click", guard(async () => {
-    await api(`/v1/jobs/${job.id}`, { method: "DELETE" });
+    const cancelled = await (await api(`/v1/jobs/${job.id}`, { method: "DELETE" })).json();
+    // Its final event follows once the work in flight has drained.
+    label.textContent = `Job of ${files.length} file(s): ${cancelled.status}`;
+    cancel.disabled = true;
   }));
 }
 
