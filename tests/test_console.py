@@ -25,7 +25,9 @@ from .test_ingestion import make_pdf
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "console-key-5f2e9a"
 MODEL = "colqwen2"
-IDLE_MODEL = "colqwen2-idle"  # served by no worker: its jobs wait, to be cancelled
+IDLE_MODEL = "colqwen2-unserved"  # served by no worker: its jobs wait, to be cancelled
+# Collection names of this module (Milvus is the session's, shared with the other modules).
+REPORTS, WAITING = "console_reports", "console_waiting"
 TIMEOUT_MS = 60_000
 
 pytestmark = pytest.mark.skipif(
@@ -58,6 +60,10 @@ def console_stack(stack_env, logs, tmp_path_factory):
     api, base = start_api(env, logs / "api-console.log")
     yield base, logs / "api-console.log", env["EMBEDQ_MILVUS_URI"]
     procs.stop([api, *children])
+    store = MilvusStore(env["EMBEDQ_MILVUS_URI"])
+    for name in (REPORTS, WAITING):
+        store.drop_collection(name)
+    store.close()
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +110,10 @@ def test_the_console_from_upload_to_search(console_stack, browser, shots):
     expect(page.locator("#signin")).to_be_hidden()
     expect(page.locator("#new-model option")).to_have_text([MODEL, IDLE_MODEL])
 
-    page.fill("#new-name", "reports")
+    page.fill("#new-name", REPORTS)
     page.select_option("#new-model", MODEL)
     page.click("#create-form button[type=submit]")
-    expect(page.locator("#collection-table tr[data-name=reports]")).to_be_visible()
+    expect(page.locator(f"#collection-table tr[data-name={REPORTS}]")).to_be_visible()
     expect(page.locator("#file-input")).to_be_enabled()
 
     page.set_input_files(
@@ -163,11 +169,11 @@ def test_the_console_from_upload_to_search(console_stack, browser, shots):
 
     # The API cannot create a collection for a model without a worker (it asks the model its width).
     store = MilvusStore(milvus_uri)
-    info = store.describe("reports")
-    store.create_collection("waiting_room", info.kind, info.dim, IDLE_MODEL)
+    info = store.describe(REPORTS)
+    store.create_collection(WAITING, info.kind, info.dim, IDLE_MODEL)
     store.close()
     page.reload()
-    page.click("#collection-table tr[data-name=waiting_room] button:text('Open')")
+    page.click(f"#collection-table tr[data-name={WAITING}] button:text('Open')")
     page.set_input_files("#file-input", [{"name": "later.pdf", "mimeType": "application/pdf", "buffer": make_pdf(2)}])
     waiting = page.locator("#jobs .job").first
     expect(waiting.locator(".file label")).to_have_text("later.pdf: running")  # its pages wait in the queue
