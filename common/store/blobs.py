@@ -91,7 +91,8 @@ class BlobStore:
         paths = self._fs.glob(f"{folder}/*/document.json")
         records = []
         for path in paths:
-            with contextlib.suppress(FileNotFoundError), self._fs.open(path, "rb") as blob:
+            # Gone since the listing, or being written (a local file is not replaced atomically).
+            with contextlib.suppress(FileNotFoundError, ValueError), self._fs.open(path, "rb") as blob:
                 records.append(json.loads(blob.read()))
         return sorted(records, key=lambda r: (r["created"], r["doc_id"]))
 
