@@ -1,4 +1,4 @@
-"""Dependency shortcuts for routes: settings, Redis, the dispatcher, the store, and the caller."""
+"""Dependency shortcuts for routes: settings, Redis, the dispatcher, the stores, and the caller."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from common.jobs.ledger import JobLedger
 from common.jobs.state import JobStore
 from common.registry import Registry
 from common.settings import Settings
+from common.store.blobs import BlobStore
 from common.store.changes import PageChanges
 from common.tenants import Principal
 
@@ -51,6 +52,10 @@ def get_jobs(request: Request) -> JobStore:
 
 def get_ledger(request: Request) -> JobLedger:
     return request.app.state.ledger
+
+
+def get_blobs(request: Request) -> BlobStore:
+    return request.app.state.blobs
 
 
 def get_events(request: Request) -> EventFeed:
@@ -105,6 +110,7 @@ RedisDep = Annotated[aioredis.Redis, Depends(get_redis)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 RegistryDep = Annotated[Registry, Depends(get_models)]
 JobsDep = Annotated[JobStore, Depends(get_jobs)]
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 GoneDep = Annotated[Gone, Depends(get_gone)]
 LedgerDep = Annotated[JobLedger, Depends(get_ledger)]
 EventsDep = Annotated[EventFeed, Depends(get_events)]

@@ -30,7 +30,19 @@ from .errors import install_error_handlers
 from .limits import BodySizeLimit
 from .metrics import RequestMetrics
 from .results import ResultWaiter
-from .routes import collections, embeddings, health, jobs, metrics, models, multivector, rerank, tokenize
+from .routes import (
+    collections,
+    console,
+    documents,
+    embeddings,
+    health,
+    jobs,
+    metrics,
+    models,
+    multivector,
+    rerank,
+    tokenize,
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,7 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = dispatcher = Dispatcher(settings, client, celery, waiter, registry, cache)
         dispatcher.start()
         app.state.waiter = waiter
-        app.state.jobs = JobStore(sync_client, settings.job_ttl_s, BlobStore(settings.blob_location))
+        app.state.blobs = blobs = BlobStore(settings.blob_location)
+        app.state.jobs = JobStore(sync_client, settings.job_ttl_s, blobs)
         app.state.ledger = JobLedger(sync_client, celery, settings.job_ttl_s)
         app.state.store = LazyStore(settings, PageChanges(sync_client))
         # One blocking read, on a connection of its own, for every SSE client of this process.
@@ -104,9 +117,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rerank.router,
         tokenize.router,
         collections.router,
+        documents.router,
         jobs.router,
         metrics.router,
+        console.router,
     ):
         app.include_router(router)
     compat.register(app, settings.compat)
+    app.mount("/console", console.assets(), name="console")
+    app.state.ring = ring
     return app

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(default=10.0, gt=1)
     models_file: Path = PROJECT_ROOT / "models.yaml"
     var_dir: Path = PROJECT_ROOT / "var"
-    blob_url: str = ""  # uploads and page images (common.store.blobs); default: var_dir/blobs
+    # Uploads and page images (common.store.blobs): any fsspec URL (s3://bucket/prefix for S3 or MinIO);
+    # default: var_dir/blobs, which only the processes of one machine share. EMBEDQ_BLOB_URL: its old name.
+    blob_uri: str = Field(default="", validation_alias=AliasChoices("EMBEDQ_BLOB_URI", "EMBEDQ_BLOB_URL", "blob_uri"))
 
     # HTTP front end
     host: str = "127.0.0.1"
@@ -38,6 +40,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
     admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # How long the console's sign-in (a cookie signed with the key, api.session) stays valid.
+    console_session_s: int = Field(default=8 * 3600, gt=0)
     max_inputs: int = 2048
     max_body_bytes: int = 64 * 1024 * 1024
     # The vectors of one answer, as bytes (JSON floats take about 2.5 times that): 2,048 inputs of
@@ -157,6 +161,10 @@ class Settings(BaseSettings):
     pdf_large_pages: int = Field(default=50, gt=0)  # from this many pages on, render at pdf_dpi_large
     office_timeout_s: float = Field(default=120.0, gt=0)  # LibreOffice conversion to PDF
     office_memory_mb: int = Field(default=2048, gt=0)  # LibreOffice's address space, in MiB
+    # Each page is kept (common.store.blobs) as a full-size JPEG and a thumbnail this wide, for the console
+    # and for clients that hand the page of a hit to a VLM.
+    page_image_quality: int = Field(default=80, ge=1, le=100)
+    thumb_width: int = Field(default=256, gt=0)
     chunk_size: int = Field(default=1000, gt=0)  # characters
     chunk_overlap: int = Field(default=200, ge=0)
 
@@ -170,7 +178,7 @@ class Settings(BaseSettings):
 
     @property
     def blob_location(self) -> str:
-        return self.blob_url or str(self.var_dir / "blobs")
+        return self.blob_uri or str(self.var_dir / "blobs")
 
     @property
     def cache_on(self) -> bool:

@@ -6,12 +6,19 @@ comments are skipped) hold `key` entries, which all act for the one shared tenan
 named in EMBEDQ_ADMIN_KEYS sees every tenant's. With no key at all the API is open, and every
 caller is an admin. A key list that would leave the API open by mistake, or that names a key
 twice, is refused when the process starts.
+
+A session token (the console's sign-in cookie, api.routes.console) stands for a key until it
+expires: `<expiry>.<HMAC-SHA256 of the expiry, keyed by the key>`. Every API process can check it
+against the keys it has, so no process keeps a secret of its own, and the key itself is never
+stored in the browser. Removing a key ends its sessions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
+import time
 from dataclasses import dataclass
 
 from .settings import Settings
@@ -95,11 +102,40 @@ class KeyRing:
         """Who `Authorization: Bearer <key>` is; None for a missing or unknown key."""
         if self.open:
             return OPEN
+        found = self._entry(authorization)
+        return found[1] if found else None
+
+    def _entry(self, authorization: str) -> tuple[bytes, Principal] | None:
         scheme, _, given = authorization.partition(" ")
         given_bytes = given.strip().encode()
         found = None
         # Compare against every key without stopping early, so timing reveals nothing.
-        for key, principal in self._entries:
-            if hmac.compare_digest(given_bytes, key):
-                found = principal
+        for entry in self._entries:
+            if hmac.compare_digest(given_bytes, entry[0]):
+                found = entry
         return found if scheme.lower() == "bearer" else None
+
+    def session_token(self, authorization: str, ttl_s: int) -> str | None:
+        """A token standing for the key of `Authorization: Bearer <key>` for `ttl_s`; None for an unknown key."""
+        found = self._entry(authorization)
+        if found is None:
+            return None
+        expires = int(time.time()) + ttl_s
+        return f"{expires}.{_sign(found[0], expires)}"
+
+    def session(self, token: str) -> Principal | None:
+        """Who a session token stands for; None when it is unknown or has expired."""
+        if self.open:
+            return OPEN
+        expiry, _, signature = token.partition(".")
+        if not expiry.isdigit() or int(expiry) < time.time():
+            return None
+        found = None
+        for key, principal in self._entries:
+            if hmac.compare_digest(signature.encode(), _sign(key, int(expiry)).encode()):
+                found = principal
+        return found
+
+
+def _sign(key: bytes, expires: int) -> str:
+    return hmac.new(key, f"embedq-session:{expires}".encode(), hashlib.sha256).hexdigest()

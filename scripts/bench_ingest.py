@@ -4,7 +4,8 @@ The model is the tiny ColQwen2 checkpoint that `scripts/make_tiny_models.py` bui
 late-interaction model that runs offline on a CPU); the document is a generated PDF of text-like
 pages. The in-process ceiling is the same backend called directly in this process at its best
 batch size on the pages already rendered at the service's DPI (PNG in, as the worker gets them).
-The service has more to do: render the PDF, move PNG pages through Redis, write Milvus, count
+The service has more to do: render the PDF, move PNG pages through Redis, keep each page as a
+JPEG and a thumbnail in the blob store (timed here apart, in-process), write Milvus, count
 progress; it overlaps that work with the forward passes (rendering in the ingestion worker,
 decoding and preprocessing in the model worker's task threads while the device runs a batch).
 """
@@ -63,7 +64,7 @@ def measure_ceiling(spec, pdf: bytes, threads: int) -> dict:
     import torch
 
     from common.inputs.documents import count_pdf_pages, render_pdf_pages
-    from common.inputs.images import encode_png
+    from common.inputs.images import encode_png, page_views
     from common.settings import Settings
     from workers.backends import create_backend
     from workers.backends.base import EmbedInput
@@ -75,6 +76,9 @@ def measure_ceiling(spec, pdf: bytes, threads: int) -> dict:
         image for _, image in render_pdf_pages(pdf, settings.pdf_dpi(count_pdf_pages(pdf)), settings.max_image_pixels)
     ]
     render_s = time.perf_counter() - started
+    started = time.perf_counter()
+    kept = [page_views(image, settings.page_image_quality, settings.thumb_width) for image in images]
+    keep_s = time.perf_counter() - started
     pages = [encode_png(image) for image in images]
     backend = create_backend(spec, "cpu", settings)
     backend.load()
@@ -92,7 +96,13 @@ def measure_ceiling(spec, pdf: bytes, threads: int) -> dict:
             runs.append(time.perf_counter() - started)
         rates[batch_size] = len(pages) / statistics.median(runs)
     best = max(rates, key=rates.get)
-    return {"render_pages_per_s": len(pages) / render_s, "ceiling_pages_per_s": rates[best], "batch_size": best}
+    return {
+        "render_pages_per_s": len(pages) / render_s,
+        "keep_ms_per_page": 1000 * keep_s / len(pages),
+        "kept_kb_per_page": sum(len(v) for views in kept for v in views.values()) / len(pages) / 1024,
+        "ceiling_pages_per_s": rates[best],
+        "batch_size": best,
+    }
 
 
 def run_service_jobs(env: dict, logs: Path, pages: int, runs: int) -> list[float]:
@@ -164,6 +174,7 @@ def main() -> None:
                 EMBEDQ_TASK_EVENTS="false",
                 EMBEDQ_VISIBILITY_TIMEOUT_S="30",
                 EMBEDQ_REQUEST_TIMEOUT_S="60",
+                EMBEDQ_BLOB_URI=str(tmp / "blobs"),
             )
             try:
                 rates = run_service_jobs(env, tmp, args.pages, args.runs)
@@ -177,6 +188,9 @@ def main() -> None:
     print(f"| rendering alone (pypdfium2, policy DPI), in-process | {ceiling['render_pages_per_s']:.1f} |")
     print(
         f"| in-process ceiling: the backend at its best batch size ({ceiling['batch_size']}) | {ceiling['ceiling_pages_per_s']:.1f} |"
+    )
+    print(
+        f"| keeping each page to be seen (full JPEG + thumbnail), in-process | {ceiling['keep_ms_per_page']:.1f} ms a page, {ceiling['kept_kb_per_page']:.0f} KB |"
     )
     print(f"| service, upload → job completed (median of {args.runs}) | {service:.1f} |")
     print(f"| ratio | {service / ceiling['ceiling_pages_per_s']:.2f} |")

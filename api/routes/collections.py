@@ -9,6 +9,7 @@ import json
 import shutil
 from dataclasses import asdict
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
@@ -22,6 +23,7 @@ from common.store.limits import FILENAME_MAX, ID_MAX
 from common.tenants import Principal
 
 from ..deps import (
+    BlobsDep,
     DispatcherDep,
     GoneDep,
     JobsDep,
@@ -39,9 +41,12 @@ router = APIRouter(prefix="/v1/collections", tags=["collections"])
 
 PAGE_KINDS = {"pdf", "image", "office"}
 TEXT_KINDS = {"text", "jsonl"}
+PAGE_COLLECTIONS = ("multivector", "pages")
 
 
-async def _describe(store: LazyStore, name: str, caller: Principal, with_count: bool = False) -> dict[str, Any]:
+async def describe_collection(
+    store: LazyStore, name: str, caller: Principal, with_count: bool = False
+) -> dict[str, Any]:
     """The collection, if it exists and is the caller's to see: another tenant's is not found."""
     info = asdict(await store.call("describe", name)) if await store.call("has_collection", name) else None
     if info is None or not caller.owns(info["tenant"]):
@@ -68,7 +73,7 @@ async def create_collection(
     kind = "multivector" if spec.multivector else "pages" if "image" in spec.modalities else "text"
     width = int(probe.arrays[0].shape[-1])
     await store.call("create_collection", body.name, kind, width, spec.name, body.pool_factor or 1, caller.tenant)
-    return json_response(await _describe(store, body.name, caller, with_count=True), 201)
+    return json_response(await describe_collection(store, body.name, caller, with_count=True), 201)
 
 
 @router.get("", summary="List collections")
@@ -79,21 +84,21 @@ async def list_collections(store: StoreDep, caller: PrincipalDep) -> Response:
 
 @router.get("/{name}", summary="Describe a collection, with its row count (pages or chunks)")
 async def get_collection(name: str, store: StoreDep, caller: PrincipalDep) -> Response:
-    return json_response(await _describe(store, name, caller, with_count=True))
+    return json_response(await describe_collection(store, name, caller, with_count=True))
 
 
-@router.delete("/{name}", summary="Delete a collection and all its vectors")
-async def delete_collection(name: str, store: StoreDep, caller: PrincipalDep) -> Response:
-    await _describe(store, name, caller)
+@router.delete("/{name}", summary="Delete a collection: its vectors, document records and page images")
+async def delete_collection(name: str, store: StoreDep, blobs: BlobsDep, caller: PrincipalDep) -> Response:
+    await describe_collection(store, name, caller)
     await store.call("drop_collection", name)
+    await asyncio.to_thread(blobs.delete_collection, name)
     return json_response({"id": name, "object": "collection", "deleted": True})
 
 
-@router.delete("/{name}/documents/{doc_id}", summary="Delete one document's pages or chunks")
-async def delete_document(name: str, doc_id: str, store: StoreDep, caller: PrincipalDep) -> Response:
-    await _describe(store, name, caller)
-    await store.call("delete_document", name, doc_id)
-    return json_response({"id": doc_id, "object": "document", "deleted": True})
+def image_url(collection: str, doc_id: str, page: int) -> str:
+    """Where a page's full-size image is served (api.routes.documents; `?size=thumb` for its
+    thumbnail), relative to the API."""
+    return f"/v1/collections/{quote(collection, safe='')}/documents/{quote(doc_id, safe='')}/pages/{page}/image"
 
 
 def _per_file_metadata(raw: str | None, filenames: list[str]) -> list[dict[str, Any]]:
@@ -155,7 +160,7 @@ async def upload_documents(
     settings: SettingsDep,
     caller: PrincipalDep,
 ) -> Response:
-    collection = await _describe(store, name, caller)
+    collection = await describe_collection(store, name, caller)
     form = await request.form()
     uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
     if not uploads:
@@ -209,7 +214,7 @@ async def search(
     ):
         if value and len(value) > limit:
             raise InvalidRequest(f"'{param}' has {len(value)} characters; the limit is {limit}.", param)
-    collection = await _describe(store, name, caller)
+    collection = await describe_collection(store, name, caller)
     model = collection["model"]
     query = [{"text": body.query}]
     if collection["kind"] == "multivector":
@@ -222,6 +227,8 @@ async def search(
         else:
             found = await store.call("search_text", name, result.arrays[0], body.top_k, body.filter)
             hits = [asdict(hit) for hit in found]
+    if collection["kind"] in PAGE_COLLECTIONS:
+        hits = [{**hit, "image_url": image_url(name, hit["doc_id"], hit["page"])} for hit in hits]
     tokens = sum(result.tokens)
     return json_response(
         {"object": "list", "data": hits, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

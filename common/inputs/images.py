@@ -92,6 +92,28 @@ def encode_png(image: Image.Image) -> bytes:
     )
 
 
+PAGE_VIEWS = ("full", "thumb")
+
+
+def page_views(image: Image.Image, quality: int, thumb_width: int) -> dict[str, bytes]:
+    """The page as kept for people and VLMs to see: full size and `thumb_width` wide, in JPEG.
+
+    JPEG, not WebP: a 200 dpi page (1653x2339) took 11 ms to encode at quality 80 (362 KB), against
+    464 ms for WebP at its default effort (201 KB) and 83 ms at its lowest (242 KB); ingestion
+    encodes every page.
+    """
+    image = _to_rgb(image)
+    height = max(1, round(image.height * thumb_width / image.width))
+    thumb = image.resize((thumb_width, height), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return {name: _jpeg(view, quality) for name, view in zip(PAGE_VIEWS, (image, thumb))}
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """The image opened lazily (header read, pixels not decoded), format and size checked."""
     try:

@@ -1,18 +1,23 @@
 """The CPU side of ingestion: turn one uploaded file into pages or text chunks and queue them.
 
 PDF pages go to the model's image queue in small batches as they are rendered, not after the
-whole file, each page image in the blob store and its key in the task; text is chunked and goes to the model's text queue. A file that cannot be read fails
-alone, with its message, and the other files of its upload go on. This module loads no model.
+whole file, each page image in the blob store and its key in the task; each page is also kept there
+to be seen (full size and a thumbnail), with the document's record. Text is chunked and goes to the
+model's text queue. A file that cannot be read fails alone, with its message, and the other files
+of its upload go on. This module loads no model.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
 from celery import shared_task
+from PIL import Image
 
 from common.contract import INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, INGEST_TASK
 from common.errors import EmbedqError, InvalidRequest
@@ -23,12 +28,12 @@ from common.inputs.documents import (
     parse_jsonl,
     render_pdf_pages,
 )
-from common.inputs.images import encode_png, load_image
+from common.inputs.images import encode_png, load_image, page_views
 from common.inputs.kinds import detect_kind
 from common.inputs.office import convert_office_to_pdf
 from common.jobs.state import JobStore
 from common.jobs.units import chunk_unit, page_unit
-from common.store.blobs import page_key
+from common.store.blobs import page_image_key, page_key
 
 from .. import process
 
@@ -95,6 +100,19 @@ class _File:
         units = [page_unit(self.index, p["page"]) for p in pages]
         self.send(INDEX_PAGES_TASK, units, pages=pages, pool_factor=self.pool_factor)
 
+    def keep_document(self, doc_id: str, metadata: dict[str, Any], pages: int | None = None, chunks: int | None = None):
+        """The document's record in the blob store (common.store.blobs), for listings."""
+        record = {"doc_id": doc_id, "filename": self.target["filename"], "pages": pages, "chunks": chunks}
+        record |= {"metadata": metadata, "created": int(time.time())}
+        process.current().blobs.put_document(self.target["collection"], record)
+
+    def keep_page(self, page: int, image: Image.Image) -> None:
+        """The page's full-size image and thumbnail, to be seen."""
+        proc = process.current()
+        views = page_views(image, proc.settings.page_image_quality, proc.settings.thumb_width)
+        for view, data in views.items():
+            proc.blobs.put(page_image_key(self.target["collection"], self.target["doc_id"], page, view), data)
+
     def unsent(self) -> list[str]:
         return [unit for unit in self.units if unit not in self.sent]
 
@@ -160,21 +178,25 @@ def _queue_pdf(file: _File, data: bytes) -> None:
         )
     file.total([page_unit(file.index, page) for page in range(1, total + 1)])
     rendered = render_pdf_pages(data, settings.pdf_dpi(total), settings.max_image_pixels)
+    file.keep_document(file.target["doc_id"], file.target["metadata"], pages=total)
     for batch in _batches(rendered, settings.ingest_pages_per_task):
-        file.send_pages([_page_blob(file, page + 1, encode_png(image)) for page, image in batch])
+        file.send_pages([_page_blob(file, page + 1, image, encode_png(image)) for page, image in batch])
 
 
-def _page_blob(file: _File, page: int, image: bytes) -> dict[str, Any]:
-    """The page image in the blob store; the task carries its key (common.store.blobs)."""
+def _page_blob(file: _File, page: int, image: Image.Image, data: bytes) -> dict[str, Any]:
+    """The page image in the blob store, the task carrying its key (common.store.blobs), and the
+    page kept to be seen."""
     key = page_key(file.job_id, file.index, page)
-    process.current().blobs.put(key, image)
+    process.current().blobs.put(key, data)
+    file.keep_page(page, image)
     return {"page": page, "blob": key}
 
 
 def _queue_image(file: _File, data: bytes) -> None:
-    load_image(data, process.current().settings.max_image_pixels)  # refuse a bad image here, as its file's error
+    image = load_image(data, process.current().settings.max_image_pixels)  # a bad image fails here, as its file's error
     file.total([page_unit(file.index, 1)])
-    file.send_pages([_page_blob(file, 1, data)])
+    file.keep_document(file.target["doc_id"], file.target["metadata"], pages=1)
+    file.send_pages([_page_blob(file, 1, image, data)])
 
 
 def _queue_text(file: _File, data: bytes, kind: str) -> None:
@@ -190,5 +212,8 @@ def _queue_text(file: _File, data: bytes, kind: str) -> None:
         for number, text in enumerate(chunk_text(body, settings.chunk_size, settings.chunk_overlap))
     ]
     file.total([chunk_unit(file.index, c) for c in chunks])
+    counts = Counter(c["doc_id"] for c in chunks)
+    for doc_id, meta in {c["doc_id"]: c["metadata"] for c in chunks}.items():
+        file.keep_document(doc_id, meta, chunks=counts[doc_id])
     for batch in _batches(chunks, settings.ingest_chunks_per_task):
         file.send(INDEX_CHUNKS_TASK, [chunk_unit(file.index, c) for c in batch], chunks=batch)
