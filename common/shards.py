@@ -1,9 +1,11 @@
 """Page search sharded over the live search workers.
 
-A page's shard is a stable hash of its key, so every process agrees on it without asking. Each
-shard is owned by one live search worker, chosen by rendezvous hashing (the worker with the highest
-hash of the pair): every process that sees the same live workers makes the same plan, and a worker
-joining or leaving moves only the shards it takes or gives up.
+A page's shard is a stable hash of its key, so every process agrees on it without asking. Each shard is
+owned by one live search worker, chosen by rendezvous hashing with bounded loads: shard by shard, in an
+order of their own hashes, the worker with the highest hash of the pair among those holding fewer than
+ceil(shards / workers). Every process that sees the same live workers makes the same plan, a worker
+joining or leaving moves few shards (1.6 of 4 on average, against 1.3 unbounded), and no worker holds
+more than its share (plain rendezvous hashing gives all 4 shards to one of 2 workers one time in 8).
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ def owners(shards: int, workers: Iterable[str]) -> dict[int, str]:
     workers = sorted(set(workers))
     if not workers:
         return {}
-    return {shard: max(workers, key=lambda worker: _weight(shard, worker)) for shard in range(shards)}
+    share = -(-shards // len(workers))
+    held = dict.fromkeys(workers, 0)
+    owned = {}
+    for shard in sorted(range(shards), key=lambda shard: _weight(shard, "")):
+        worker = max((w for w in workers if held[w] < share), key=lambda w: _weight(shard, w))
+        owned[shard], held[worker] = worker, held[worker] + 1
+    return owned
 
 
 def plan(shards: int, workers: Iterable[str]) -> dict[str, list[int]]:

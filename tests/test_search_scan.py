@@ -4,6 +4,7 @@ session's real Milvus Lite server and a real Redis change feed; writes from anot
 from __future__ import annotations
 
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +15,7 @@ from colpali_engine.utils.processing_utils import BaseVisualRetrieverProcessor
 
 from common import keys
 from common.errors import InvalidRequest, NotFound
-from common.shards import shard_of
+from common.shards import owners, shard_of
 from common.store.changes import PageChanges
 from common.store.milvus import MilvusStore, PageRecord
 from workers.search import kernels
@@ -306,3 +307,16 @@ def test_blocks_prepared_before_the_codes_grow_are_made_again(rng):
     for bucket in index._buckets.values():
         for _, prepared in bucket._prepared.values():
             assert prepared.untyped_storage().data_ptr() == bucket.codes.untyped_storage().data_ptr()
+
+
+def test_shard_owners_are_balanced_agreed_and_move_little_when_a_worker_joins():
+    moved = []
+    for pids in range(200):
+        workers = [f"search@vm:{1000 + pids}", f"search@vm:{2000 + 7 * pids}"]
+        owned = owners(4, workers)
+        assert owned == owners(4, reversed(workers))
+        assert sorted(Counter(owned.values()).values()) == [2, 2]
+        grown = owners(4, [*workers, f"search@vm:{3000 + pids}"])
+        assert max(Counter(grown.values()).values()) == 2
+        moved.append(sum(owned[shard] != grown[shard] for shard in range(4)))
+    assert sum(moved) / len(moved) < 2  # the newcomer's share is 4/3 of a shard
