@@ -257,7 +257,10 @@ def test_the_bound_holds_under_a_flood_and_queues_and_jobs_are_untouched(api, ma
         embed(api, texts(f"flood {start}", 64))
     info = cache_server.client.info()
     assert info["evicted_keys"] > 0
-    assert info["used_memory"] <= info["maxmemory"] == CACHE_MB * 2**20
+    # Redis evicts before each write, so the last entry written may stand above the bound until the next one.
+    entry = max(cache_server.client.memory_usage(key) for key in cache_server.client.scan_iter(count=100))
+    assert info["maxmemory"] == CACHE_MB * 2**20
+    assert info["used_memory"] <= info["maxmemory"] + entry
     assert metric(api, "embedq_cache_evictions_total") > evicted
     assert metric(api, "embedq_cache_max_bytes") == CACHE_MB * 2**20
     assert 0 < metric(api, "embedq_cache_bytes") <= CACHE_MB * 2**20
