@@ -18,6 +18,8 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -46,6 +48,7 @@ from common.settings import Settings
 from common.shards import plan
 from common.vectors import check_answer_bytes, unpack
 
+from .coalesce import Coalescer, Inputs
 from .results import Gone, ResultWaiter
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,14 @@ class Embedded:
     @classmethod
     def from_result(cls, result: dict[str, Any]) -> Embedded:
         return cls(unpack(result), list(result["tokens"]))
+
+    def split(self, sizes: list[int]) -> list[Embedded]:
+        """The answers of consecutive runs of `sizes` inputs."""
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(Embedded(self.arrays[start : start + size], self.tokens[start : start + size]))
+            start += size
+        return parts
 
 
 CAPACITY_TTL_S = 0.1
@@ -87,6 +98,7 @@ class Dispatcher:
         self._capacity: dict[str, tuple[float, int, int]] = {}  # queue -> (read at, live workers, depth)
         self._sent: Counter[tuple[str, str]] = Counter()  # inputs sent per (model, modality), not yet flushed
         self._in_flight = 0  # requests waiting on a worker (the loop is single-threaded: no lock)
+        self.coalescer = Coalescer(Embedded.split)
 
     async def _read_capacity(self, queue: str, alive_key: str) -> tuple[int, int]:
         now = time.monotonic()
@@ -137,25 +149,37 @@ class Dispatcher:
             except RedisError as exc:
                 log.warning("counting the inputs sent failed: %s", exc)
 
-    async def _call(self, task: str, queue: str, kwargs: dict[str, Any], gone: Gone | None) -> Any:
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
         if self._in_flight >= self._settings.max_in_flight:
             raise QueueFull(f"This server is waiting on {self._in_flight} requests already; retry shortly.")
         self._in_flight += 1
         try:
-            return await self._send_and_wait(task, queue, kwargs, gone)
+            yield
         finally:
             self._in_flight -= 1
 
-    async def _send_and_wait(self, task: str, queue: str, kwargs: dict[str, Any], gone: Gone | None) -> Any:
+    async def _call(self, task: str, queue: str, kwargs: dict[str, Any], gone: Gone | None) -> Any:
+        with self._admitted():
+            return await self._send_and_wait(task, queue, kwargs, gone, self._settings.request_timeout_s)
+
+    async def _send_and_wait(
+        self,
+        task: str,
+        queue: str,
+        kwargs: dict[str, Any],
+        gone: Gone | None,
+        timeout: float,
+        sent: Callable[[], None] | None = None,
+    ) -> Any:
         task_id = str(uuid.uuid4())
-        timeout = self._settings.request_timeout_s
         # Expires with the wait: a worker drops a task whose caller has given up.
         expires = datetime.now(timezone.utc) + timedelta(seconds=timeout)
 
         def send() -> None:
             self._celery.send_task(task, kwargs=kwargs, task_id=task_id, expires=expires)
 
-        return await self._waiter.call(task_id, queue, send, timeout, gone)
+        return await self._waiter.call(task_id, queue, send, timeout, gone, sent)
 
     async def embed(
         self,
@@ -185,9 +209,21 @@ class Dispatcher:
         self, model: str, modality: str, inputs: list[dict[str, Any]], gone: Gone | None, options: dict[str, Any]
     ) -> Embedded:
         await self.check_capacity(model, modality)
-        kwargs = embed_kwargs(model, modality, inputs, **options)
         self._sent[(model, modality)] += len(inputs)
-        return Embedded.from_result(await self._call(EMBED_TASK, embed_queue(model, modality), kwargs, gone))
+        queue = embed_queue(model, modality)
+        spec = self._registry.specs.get(model)
+        if not self._settings.coalesce or spec is None or len(inputs) >= spec.max_batch_size:
+            kwargs = embed_kwargs(model, modality, inputs, **options)
+            return Embedded.from_result(await self._call(EMBED_TASK, queue, kwargs, gone))
+
+        async def run(batch: Inputs, batch_gone: Gone | None, timeout: float, sent: Callable[[], None]) -> Embedded:
+            kwargs = embed_kwargs(model, modality, batch, **options)
+            return Embedded.from_result(await self._send_and_wait(EMBED_TASK, queue, kwargs, batch_gone, timeout, sent))
+
+        with self._admitted():
+            lane = (model, modality, *sorted(options.items()))
+            timeout = self._settings.request_timeout_s
+            return await self.coalescer.submit(lane, spec.max_batch_size, inputs, gone, timeout, run)
 
     async def tokenize(
         self,

@@ -111,17 +111,27 @@ class ResultWaiter:
                 waiting.future.set_result(message["data"])
 
     async def call(
-        self, task_id: str, queue: str, send: Callable[[], object], timeout: float, gone: Gone | None = None
+        self,
+        task_id: str,
+        queue: str,
+        send: Callable[[], object],
+        timeout: float,
+        gone: Gone | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> Any:
         """Wait for the result of the task `send` sends to `queue` and return its value; raises the
         task's error, or ServiceUnavailable at the deadline. `send` may be called again. When
         `gone()` says the caller has gone, the task is revoked: a worker that holds it drops it
-        without computing it."""
+        without computing it. `sent()` is called once the message has left (or failed to)."""
         future = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = _Waiting(future, queue, send, time.time())
         try:
             # Sending blocks (kombu is synchronous, and retries a Redis that is away): not on the loop.
-            await asyncio.to_thread(send)
+            try:
+                await asyncio.to_thread(send)
+            finally:
+                if sent is not None:
+                    sent()
             payload = await self._await(task_id, future, timeout, gone)
             self._read.append(task_id)
             return self._outcome(payload)

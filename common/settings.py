@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     queue_limit: int = 10_000
     # Requests one API process waits on at once; past it, 429 with Retry-After, before it degrades.
     max_in_flight: int = Field(default=4096, gt=0)
+    # Concurrent requests for the same model and options go to the workers as one task (api.coalesce).
+    coalesce: bool = True
     # Compatibility routes (api.compat) at the paths other servers' clients call, comma-separated
     # families of COMPAT_FAMILIES; none by default. TEI's and LAYRA's requests name no model: theirs
     # is the one set here, else the first served model that can answer them.

@@ -24,6 +24,7 @@ from common.registry import Registry
 from common.settings import Settings
 
 from .. import upstreams
+from ..coalesce import Coalescer
 from ..deps import RedisDep, RegistryDep, SettingsDep
 from ..metrics import HttpStats
 
@@ -186,6 +187,7 @@ def render(
     resent: int = 0,
     revoked: int = 0,
     cache: dict[str, int] | None = None,
+    coalescer: Coalescer | None = None,
 ) -> bytes:
     """The exposition text: HTTP counters, then Redis' numbers, or `embedq_redis_up 0` without them,
     then the embedding cache's Redis's."""
@@ -202,6 +204,21 @@ def render(
             value=revoked,
         )
     )
+    if coalescer is not None:
+        families.append(
+            CounterMetricFamily(
+                "embedq_coalesced_tasks",
+                "Embedding tasks sent for requests that may share one (api.coalesce).",
+                value=coalescer.tasks,
+            )
+        )
+        families.append(
+            CounterMetricFamily(
+                "embedq_coalesced_requests",
+                "The requests those tasks carried (api.coalesce).",
+                value=coalescer.requests,
+            )
+        )
     if reading is not None:
         families += reading.collect()
     families.append(
@@ -221,5 +238,6 @@ async def metrics(request: Request, client: RedisDep, registry: RegistryDep, set
         reading = None
     waiter, cache = request.app.state.waiter, request.app.state.cache
     cache_stats = await cache.stats() if cache else None
-    body = render(request.app.state.http_stats, reading, waiter.resent, waiter.revoked, cache_stats)
+    coalescer = request.app.state.dispatcher.coalescer
+    body = render(request.app.state.http_stats, reading, waiter.resent, waiter.revoked, cache_stats, coalescer)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
