@@ -14,6 +14,7 @@ import numpy as np
 import pydantic
 import pytest
 import redis
+import yaml
 
 from common.launch import procs
 from common.registry import ModelSpec, load_registry
@@ -130,6 +131,13 @@ def test_a_bad_engine_is_refused_at_load(tmp_path):
         ModelSpec(name="m", backend="colpali", model_class="ColQwen2", path="m", engine="onnx")
     with pytest.raises(ValueError, match="engine onnx runs on the CPU"):
         create(onnx_spec("m"), "cuda:0", Settings())
+
+
+def test_the_commented_example_in_models_yaml_is_valid():
+    text = (stack.ROOT / "models.yaml").read_text().split("# The same MiniLM run by ONNX Runtime", 1)[1]
+    block = text.split("\n#\n", 1)[0]
+    [entry] = yaml.safe_load("\n".join(line[1:] for line in block.splitlines() if line.startswith("#  ")))
+    assert ModelSpec(**entry).engine == "onnx"
 
 
 @pytest.fixture(scope="module")
