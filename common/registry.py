@@ -77,6 +77,9 @@ class ModelSpec(BaseModel):
     max_batch_size: int = 64
     pooling: Literal["mean", "cls", "last_token"] = "mean"
     normalize: bool = True
+    # What runs the forward pass of a `text` model: `torch`, or `onnx` (ONNX Runtime on the CPU, fp32, from an
+    # export made at the first load and cached: workers.backends.onnxrt).
+    engine: Literal["torch", "onnx"] = "torch"
     # What queries (`input_type: query`) are prefixed with: `query_instruction` is a task in
     # Qwen3-Embedding's form (`Instruct: {task}\nQuery:{text}`, as its sentence-transformers config
     # prompts), `query_prompt` any literal prefix (BGE's "Represent this sentence ...: ", E5's "query: ").
@@ -120,6 +123,10 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model {self.name}: the {self.backend} backend needs a path")
         if self.backend == "vllm" and self.vllm is None:
             self.vllm = VllmOptions()
+        if self.engine == "onnx" and (
+            self.backend != "text" or self.quantization != "none" or self.dtype not in ("auto", "fp32")
+        ):
+            raise ValueError(f"model {self.name}: engine onnx runs the text backend in fp32, unquantized")
         if self.query_instruction and self.query_prompt:
             raise ValueError(f"model {self.name}: set query_instruction or query_prompt, not both")
         return self

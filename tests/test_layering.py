@@ -61,7 +61,7 @@ def loaded(code: str, watched: tuple[str, ...]) -> list[str]:
 
 
 def test_the_api_process_loads_no_model_or_document_code():
-    watched = ("torch", "transformers", "colpali_engine", "pypdfium2", "workers")
+    watched = ("torch", "transformers", "colpali_engine", "onnxruntime", "onnx", "pypdfium2", "workers")
     assert loaded("import api.main; api.main.create_app()", watched) == []
 
 
