@@ -67,6 +67,18 @@ def test_a_redelivered_file_adds_its_pages_to_the_total_once(jobs):
     assert (job["status"], job["total"], job["processed"]) == ("completed", 4, 4) and adds_up(job)
 
 
+def test_a_batch_run_twice_whose_second_run_fails_leaves_the_file_completed(jobs):
+    job_id = new_job(jobs)
+    jobs.set_total(job_id, 0, 4)
+    assert not jobs.record(job_id, 0, "processed", pages(0, 1, 2))
+    # The second delivery finds the page images the first one stored and dropped gone.
+    assert not jobs.record(job_id, 0, "failed", pages(0, 1, 2), error="pages 1-2: page 1's image is gone")
+    assert jobs.record(job_id, 0, "processed", pages(0, 3, 4))
+    job = jobs.get(job_id)
+    assert (job["status"], job["processed"], job["failed"]) == ("completed", 4, 0)
+    assert job["files"][0]["error"] is None and adds_up(job)
+
+
 def test_a_failing_batch_fails_its_own_pages_and_the_file_waits_for_the_rest(jobs):
     job_id = new_job(jobs)
     jobs.set_total(job_id, 0, 6)

@@ -69,8 +69,10 @@ elseif op == 'abandon' then
     redis.call('HINCRBY', KEYS[1], 'failed', rest)
   end
 elseif op == 'units' then
-  if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
+  -- A report of units counted already (a batch delivered twice) changes nothing, its error included:
+  -- the second run of a batch the first has stored may find its page images gone.
   if count(ARGV[4], 6) == 0 then return 0 end
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
 end
 if redis.call('HGET', KEYS[1], 'status') == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', now)

@@ -17,7 +17,9 @@ from itertools import islice
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import Reject
 from PIL import Image
+from redis import RedisError
 
 from common.contract import INDEX_CHUNKS_TASK, INDEX_PAGES_TASK, INGEST_TASK
 from common.errors import EmbedqError, InvalidRequest
@@ -70,8 +72,14 @@ def ingest_file(
         else:
             with proc.crashes.running(self.request.id):
                 _ingest(job_id, index, collection, model, content_type, pool_factor)
-    finally:
-        proc.ledger.done(job_id, self.request.id)
+    except RedisError as exc:
+        # The job's state is out of reach (Redis restarting): the file is not done, nor failed. The
+        # message goes back (or, its channel gone with the connection, the visibility timeout
+        # restores it) and the file runs again from its upload; no failure is stored for the job
+        # watch to count.
+        log.warning("ingesting file %d of job %s: Redis failed (%s); it runs again", index, job_id, exc)
+        raise Reject(exc, requeue=True) from exc
+    proc.ledger.done(job_id, self.request.id)
 
 
 class _File:
@@ -161,11 +169,14 @@ def _ingest(job_id: str, index: int, collection: str, model: str, content_type: 
         pass
     except EmbedqError as exc:
         file.fail(exc.message)
+    except RedisError:
+        raise
     except Exception as exc:  # never leave a job waiting on a file that died here
         log.exception("ingesting %s of job %s failed", info["filename"], job_id)
         file.fail(f"internal error: {exc}")
-    finally:
-        jobs.drop_upload(job_id, index)
+    # Only once the file's outcome is on the job: a Redis that went away mid-file leaves the upload
+    # in the blob store for the redelivery, which runs the file again (its pages count once).
+    jobs.drop_upload(job_id, index)
 
 
 def _queue_pdf(file: _File, data: bytes) -> None:
