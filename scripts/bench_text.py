@@ -149,7 +149,19 @@ def infinity_onnx_dir(model_dir: str, logs: Path) -> Path:
         )
         cli = infinity.parent / "optimum-cli"
         subprocess.run(
-            [str(cli), "export", "onnx", "--model", model_dir, "--task", "feature-extraction", str(folder)], check=True
+            [
+                str(cli),
+                "export",
+                "onnx",
+                "--model",
+                model_dir,
+                "--task",
+                "feature-extraction",
+                "--library-name",
+                "transformers",
+                str(folder),
+            ],
+            check=True,
         )
     return folder
 
@@ -397,7 +409,8 @@ def main() -> None:
                 model_dir=infinity_onnx_dir(spec.resolved_path(), args.logs) if engine == "onnx" else None,
             ).start()
             try:
-                peer = run_rows(infinity_port, "/v1/embeddings", "minilm", [server.pid], cases, args.seconds)
+                server.wait_healthy(300)
+                peer = run_rows(infinity_port, "/v1/embeddings", "minilm", [server.proc.pid], cases, args.seconds)
             finally:
                 server.stop()
         results[engine] = (ceilings, embedq, peer)

