@@ -53,7 +53,9 @@ def test_sigkilled_worker_loses_nothing(loss_env, logs, reference_minilm):
                 for texts in batches
             ]
             deadline = time.monotonic() + 30
-            while client.hlen("unacked") < 4 and time.monotonic() < deadline:  # the first worker holds some
+            # The first worker holds some: two requests a task (api.coalesce), a full batch each, of
+            # which a worker fetches EMBEDQ_FETCH_BATCHES (2) at a time.
+            while client.hlen("unacked") < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
