@@ -8,7 +8,8 @@ and the worker's per-task work is shared. Each request gets its own slice of the
 vectors and its inputs' token counts.
 
 A coalesced task that fails on its inputs (a 4xx: one input too long, an answer too large) is sent
-again as one task per request, so only the request at fault gets the error. Any other failure (no
+again in halves, and so on down to single requests, so only the request at fault gets the error and
+one bad input among n requests costs about 2·log2(n) more tasks, not n. Any other failure (no
 worker answered, the model failed) is every member's, as it would have been alone. The task is
 revoked only when every member's caller has gone; its deadline is the earliest member's.
 """
@@ -90,6 +91,7 @@ class Coalescer:
         try:
             while lane.waiting:
                 group = self._take(lane)
+                self.requests += len(group)
                 sent = asyncio.get_running_loop().create_future()
                 self._start(self._send(group, run, sent))
                 await sent
@@ -104,7 +106,6 @@ class Coalescer:
                 sent.set_result(None)
 
         self.tasks += 1
-        self.requests += len(group)
         try:
             answer = await self._run(group, run, on_sent)
         except asyncio.CancelledError:
@@ -113,7 +114,8 @@ class Coalescer:
         except Exception as exc:
             if len(group) > 1 and _input_fault(exc):
                 on_sent()
-                await asyncio.gather(*(self._send_alone(member, run) for member in group))
+                middle = len(group) // 2
+                await asyncio.gather(*(self._send(half, run, sent) for half in (group[:middle], group[middle:])))
             else:
                 _settle_all(group, exc)
             return
@@ -121,13 +123,6 @@ class Coalescer:
             on_sent()
         for member, part in zip(group, self._split(answer, [len(m.inputs) for m in group])):
             _settle(member, result=part)
-
-    async def _send_alone(self, member: _Member, run: Run) -> None:
-        self.tasks += 1
-        try:
-            _settle(member, result=await self._run([member], run, lambda: None))
-        except Exception as exc:
-            _settle(member, exception=exc)
 
     async def _run(self, group: list[_Member], run: Run, on_sent: Callable[[], None]) -> Any:
         inputs = [entry for member in group for entry in member.inputs]
