@@ -135,3 +135,32 @@ def test_a_milvus_outage_mid_job_is_ridden_out(api, parts):
     counts = (final["total"], final["processed"], final["failed"])
     assert final["status"] == "completed" and counts == (pages, pages, 0), str(final)
     assert httpx.get(f"{api}/v1/collections/milvus_down").json()["count"] == pages
+
+
+def test_a_redis_restarted_on_a_large_append_only_file_answers_once_started(tmp_path):
+    """Redis accepts connections while it replays its file but answers LOADING until done; whoever
+    starts it (the local stack, the benchmarks) must get one that answers."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    port = procs.free_port()
+    server = procs.start_redis(tmp_path, port)
+    client = redis.Redis(port=port)
+    try:
+        value = b"x" * 1000
+        for start in range(0, 200_000, 10_000):
+            with client.pipeline(transaction=False) as pipe:
+                for i in range(start, start + 10_000):
+                    pipe.set(f"k{i}", value)
+                pipe.execute()
+        client.close()
+        procs.stop([server])
+        server = procs.start_redis(tmp_path, port)
+        # no retries: redis-py's own (BusyLoadingError is a ConnectionError) would hide a short load
+        once = redis.Redis(port=port, retry=Retry(NoBackoff(), 0))
+        assert once.dbsize() == 200_000
+        once.close()
+    finally:
+        client.close()
+        procs.stop([server])

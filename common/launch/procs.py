@@ -121,7 +121,31 @@ def _redis_server(data_dir, port: int, *options: str) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
     )
     wait_for_port(port, 10, proc)
+    _wait_loaded(port, LOAD_TIMEOUT_S, proc)
     return proc
+
+
+LOAD_TIMEOUT_S = 300  # replaying a large append-only file takes a while
+
+
+def _wait_loaded(port: int, timeout: float, proc: subprocess.Popen) -> None:
+    """Return once the Redis on `port` has replayed its data: it accepts connections before that,
+    but answers every command with LOADING until then."""
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.BusyLoadingError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        client.close()
 
 
 def redis_or_embedded(url: str | None, data_dir) -> tuple[str, subprocess.Popen | None]:
